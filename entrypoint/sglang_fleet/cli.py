@@ -1,0 +1,63 @@
+"""`sglang-fleet` command line. Each subcommand lives in the module that owns its concern."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sglang_fleet import __version__, logs
+from sglang_fleet.config import EX_CONFIG, ConfigError, load_config
+
+
+def _load_or_exit():
+    try:
+        return load_config()
+    except ConfigError as e:
+        # One report, no traceback, nothing started.
+        print(f"sglang-fleet: configuration error ({len(e.problems)} problem"
+              f"{'s' if len(e.problems) != 1 else ''}):", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sglang-fleet", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sglang-fleet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_plan = sub.add_parser("plan", help="print the argv and env this node would run (no Consul needed)")
+    p_plan.add_argument("--node-rank", type=int, default=None)
+    p_plan.add_argument("--dist-init-addr", default=None)
+    p_plan.add_argument("--json", action="store_true")
+
+    sub.add_parser("node", help="run the node supervisor (rendezvous, engine, registration)")
+    sub.add_parser("router", help="run smg and keep its workers equal to the healthy services in Consul")
+    p_status = sub.add_parser("status", help="what Consul says about the cluster")
+    p_status.add_argument("--json", action="store_true")
+    sub.add_parser("sim-engine", help="CPU stand-in for sglang.launch_server (demos and tests only)",
+                   add_help=False)
+
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "sim-engine":
+        from sglang_fleet import sim_engine
+        return sim_engine.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+
+    cfg = _load_or_exit()
+    logs.configure(cfg.log_format)
+    if args.command == "plan":
+        from sglang_fleet import launch
+        return launch.plan_command(cfg, node_rank=args.node_rank, dist_init_addr=args.dist_init_addr,
+                                   as_json=args.json)
+    if args.command == "node":
+        from sglang_fleet import node
+        return node.run(cfg)
+    if args.command == "router":
+        from sglang_fleet import router
+        return router.run(cfg)
+    if args.command == "status":
+        from sglang_fleet import status
+        return status.run(cfg, as_json=args.json)
+    parser.error(f"unknown command {args.command}")
+    return 2
