@@ -1,6 +1,8 @@
+# shellcheck shell=bash
 # Shared helpers for the project's scripts. Source it: . "$(dirname "$0")/lib.sh"
 set -euo pipefail
 
+# shellcheck disable=SC2034  # used by the scripts that source this file
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # Where downloaded tools (consul, compose plugin, venvs) live; reused across runs.
 FLEET_TOOLS=${FLEET_TOOLS:-$HOME/.cache/sglang-fleet}
@@ -42,4 +44,11 @@ apt_install() {
     apt-get -qq update && touch "$FLEET_TOOLS/.apt-updated"
   fi
   DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# Image names shared by scripts/images, scripts/demo, the compose files and the container tests.
+fleet_image_names() {
+  export FLEET_IMAGE=${FLEET_IMAGE:-sglang-fleet:cpu}
+  export FLEET_GPU_IMAGE=${FLEET_GPU_IMAGE:-sglang-fleet:gpu}
+  export FLEET_CONSUL_IMAGE=${FLEET_CONSUL_IMAGE:-sglang-fleet/consul:local}
 }

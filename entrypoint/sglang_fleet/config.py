@@ -25,6 +25,20 @@ NET_PROFILES = ("auto", "ethernet", "infiniband", "roce")
 ROUTER_MODES = ("auto", "pd", "regular")
 ROUTER_POLICIES = ("random", "round_robin", "cache_aware", "power_of_two", "least_load", "consistent_hashing",
                    "prefix_hash")
+# SGLang 0.5.23's --moe-a2a-backend choices.
+MOE_A2A_BACKENDS = ("none", "deepep", "mooncake", "nixl", "mori", "ascend_fuseep", "flashinfer", "megamoe",
+                    "deepep_v2", "ascend_tp", "pplx", "flashinfer_megamoe")
+# Flags sglang-fleet writes itself (and their aliases): FLEET_* settings or the rendezvous decide them.
+RESERVED_ENGINE_FLAGS = {
+    "nnodes": "FLEET_NNODES", "node-rank": "the rendezvous (or FLEET_NODE_RANK)",
+    "dist-init-addr": "the rendezvous (FLEET_DIST_PORT on rank 0)", "nccl-init-addr": "the rendezvous",
+    "tp-size": "FLEET_TP_SIZE", "tp": "FLEET_TP_SIZE", "tensor-parallel-size": "FLEET_TP_SIZE",
+    "model-path": "FLEET_MODEL_PATH", "model": "FLEET_MODEL_PATH", "port": "FLEET_HTTP_PORT",
+    "host": "sglang-fleet (always 0.0.0.0)", "disaggregation-mode": "FLEET_ROLE",
+    "disaggregation-bootstrap-port": "FLEET_BOOTSTRAP_PORT",
+}
+PREFILL_ONLY_ENGINE_FLAGS = frozenset({"chunked-prefill-size", "max-prefill-tokens",
+                                       "disaggregation-bootstrap-port"})
 
 # Consul keys and service IDs are built from these names: keep them to a safe alphabet.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -109,6 +123,11 @@ def _engine_args(value: Any) -> tuple[tuple[str, Any], ...]:
 
     Accepts a YAML mapping {flag: value}, a YAML list of tokens, or a shell-quoted string.
     """
+    return tuple((name, val) for name, val in _engine_args_layer(value) if val is not None)
+
+
+def _engine_args_layer(value: Any) -> tuple[tuple[str, Any], ...]:
+    """Like _engine_args, but a YAML `flag: false` (or null) yields (flag, None): drop an inherited flag."""
     if value in (None, ""):
         return ()
     if isinstance(value, Mapping):
@@ -116,6 +135,7 @@ def _engine_args(value: Any) -> tuple[tuple[str, Any], ...]:
         for flag, val in value.items():
             name = str(flag).lstrip("-").replace("_", "-")
             if val is False or val is None:
+                pairs.append((name, None))
                 continue
             pairs.append((name, True if val is True else str(val)))
         return tuple(pairs)
@@ -168,11 +188,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("attn_dp", _bool, False, "Data-parallel attention (the guide's --enable-dp-attention; emitted as "
             "SGLang 0.5.23's --attn-dp-size <dp_size>).", "1"),
     Setting("dp_lm_head", _bool, False, "Data-parallel LM head (--enable-dp-lm-head); needs attn_dp.", "1"),
-    Setting("moe_a2a_backend", _opt_str, None, "MoE all-to-all backend (--moe-a2a-backend).", "deepep"),
+    Setting("moe_a2a_backend", _opt_str, None, "MoE all-to-all backend (--moe-a2a-backend).", "deepep",
+            MOE_A2A_BACKENDS),
     Setting("ep_redundant_experts", _opt_int, None, "Redundant expert copies (--ep-num-redundant-experts).",
             "32"),
-    Setting("sglang_args", _engine_args, (), "Extra SGLang arguments, shell-quoted; they follow the "
-            "appliance's own and win on conflict.", "--chunked-prefill-size 8192 --disable-radix-cache"),
+    Setting("sglang_args", _engine_args, (), "Extra SGLang arguments, shell-quoted (a YAML mapping "
+            "{flag: value} in presets and FLEET_CONFIG). Merged flag by flag over the lower layers (preset < "
+            "config file < env); in YAML `flag: false` drops an inherited flag. They win over sglang-fleet's "
+            "own flags, except the reserved ones (--nnodes, --node-rank, --dist-init-addr, --tp-size, "
+            "--model-path, --host, --port, --disaggregation-*) which have FLEET_* settings. The guide's "
+            "old spellings are rewritten (see the flag mapping).",
+            "--chunked-prefill-size 8192 --disable-radix-cache"),
+    Setting("engine_python", _str, "python3", "Interpreter that runs `-m sglang.launch_server` (the one "
+            "with SGLang installed; the sim engine always uses sglang-fleet's own).", "/opt/venv/bin/python"),
     # Network.
     Setting("advertise_addr", _str, "", "Address peers and the router use to reach this node; defaults "
             "to the address of the interface that routes to Consul.", "10.0.0.12"),
@@ -202,8 +230,10 @@ SETTINGS: tuple[Setting, ...] = (
     # Router role.
     Setting("router_host", _str, "0.0.0.0", "Address the router (smg) listens on.", "0.0.0.0"),
     Setting("router_port", _int, 8000, "Port the router (smg) listens on.", "8000"),
-    Setting("router_mode", _str, "auto", "pd: --pd-disaggregation; regular: plain routing; auto: pd unless "
-            "preset/role says otherwise (decided from the cluster's registered roles).", "pd", ROUTER_MODES),
+    Setting("router_mode", _str, "auto", "pd: smg runs with --pd-disaggregation and routes the prefill and "
+            "decode groups; regular: plain routing over the regular groups; auto: follows the roles passing in "
+            "Consul (pd while any prefill/decode group passes or none does, regular when only regular groups "
+            "do; a change restarts smg).", "pd", ROUTER_MODES),
     Setting("router_policy", _str, "cache_aware", "smg load-balancing policy.", "round_robin",
             ROUTER_POLICIES),
     Setting("router_api_key", _opt_str, None, "API key smg requires from clients (--api-key).", "s3cret"),
@@ -211,6 +241,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("router_health_interval", _int, 10, "smg's worker health-check interval in seconds.", "10"),
     Setting("router_quiet_window", _float, 0.5, "Seconds of quiet before Consul changes are applied to smg "
             "(batches a flapping check, like consul-template's wait).", "0.5"),
+    Setting("router_resync_interval", _float, 5.0, "Seconds between full comparisons of smg's workers with "
+            "Consul even when Consul is quiet (catches an smg restart or a hand edit).", "5"),
     Setting("router_args", _engine_args, (), "Extra smg arguments, shell-quoted.", "--request-timeout-secs 600"),
 )
 SETTING_BY_KEY = {s.key: s for s in SETTINGS}
@@ -257,6 +289,7 @@ class FleetConfig:
     moe_a2a_backend: str | None = None
     ep_redundant_experts: int | None = None
     sglang_args: tuple[tuple[str, Any], ...] = ()
+    engine_python: str = "python3"
     advertise_addr: str = ""
     http_port: int = 30000
     dist_port: int = 20000
@@ -280,6 +313,7 @@ class FleetConfig:
     router_prometheus_port: int = 29000
     router_health_interval: int = 10
     router_quiet_window: float = 0.5
+    router_resync_interval: float = 5.0
     router_args: tuple[tuple[str, Any], ...] = ()
     consul: ConsulSettings = field(default_factory=ConsulSettings)
 
@@ -288,8 +322,14 @@ class FleetConfig:
         return self.role == "router"
 
     @property
+    def world_size(self) -> int:
+        """GPUs of the whole group: tp x pp x dp replicas (attention DP runs inside the TP group)."""
+        replicas = 1 if self.attn_dp else (self.dp_size or 1)
+        return self.tp_size * (self.pp_size or 1) * replicas
+
+    @property
     def gpus_per_node(self) -> int:
-        return max(1, self.tp_size * (self.pp_size or 1) // max(1, self.nnodes))
+        return max(1, self.world_size // max(1, self.nnodes))
 
 
 def find_preset(name: str) -> Path | None:
@@ -339,6 +379,26 @@ def _parse(setting: Setting, raw: Any, source: str, problems: list[str]) -> Any:
     return value
 
 
+MERGED_KEYS = ("sglang_args", "router_args")
+
+
+def _merge_engine_args(base: tuple, raw: Any, label: str, problems: list[str]) -> tuple:
+    """Flag by flag: a later layer replaces a flag in place, adds new ones, and `flag: false` drops one."""
+    try:
+        pairs = _engine_args_layer(raw)
+    except ValueError as e:
+        problems.append(f"{label}={raw!r}: {e} (shell-quoted --flag value pairs, e.g. "
+                        f"'--chunked-prefill-size 8192 --disable-radix-cache')")
+        return base
+    merged = dict(base)
+    for name, val in pairs:
+        if val is None:
+            merged.pop(name, None)
+        else:
+            merged[name] = val
+    return tuple(merged.items())
+
+
 def load_config(env: Mapping[str, str] | None = None) -> FleetConfig:
     """Builds the configuration from preset <- FLEET_CONFIG file <- FLEET_* environment."""
     env = os.environ if env is None else env
@@ -366,7 +426,10 @@ def load_config(env: Mapping[str, str] | None = None) -> FleetConfig:
         for key, raw in data.items():
             setting = SETTING_BY_KEY[key]
             label = f"{prefix} {key}" if prefix else setting.env
-            values[key] = _parse(setting, raw, label, problems)
+            if key in MERGED_KEYS:
+                values[key] = _merge_engine_args(values[key], raw, label, problems)
+            else:
+                values[key] = _parse(setting, raw, label, problems)
     values["preset"] = preset_name or None
     if not values["node_name"]:
         values["node_name"] = socket.gethostname().split(".")[0]
@@ -392,72 +455,11 @@ def load_config(env: Mapping[str, str] | None = None) -> FleetConfig:
 
 
 def validate(cfg: FleetConfig) -> list[str]:
-    """Cross-field checks. Each message names the variable, the value and what is allowed."""
-    p: list[str] = []
-    for key in ("cluster", "group", "node_name"):
-        val = getattr(cfg, key)
-        if val and not NAME_RE.match(val):
-            p.append(f"FLEET_{key.upper()}={val!r}: use letters, digits, '.', '_' and '-' (at most 63, "
-                     f"starting with a letter or digit); it becomes part of Consul keys and service IDs")
-    for key in ("http_port", "dist_port", "bootstrap_port", "router_port", "router_prometheus_port"):
-        val = getattr(cfg, key)
-        if not 1 <= val <= 65535:
-            p.append(f"FLEET_{key.upper()}={val}: must be a port number between 1 and 65535")
-    for key in ("ready_timeout", "stop_grace", "backoff_base", "backoff_max", "stable_after",
-                "sim_startup_delay", "router_quiet_window"):
-        if getattr(cfg, key) < 0:
-            p.append(f"FLEET_{key.upper()}={getattr(cfg, key)}: must be zero or more seconds")
-    for key in ("start_attempts", "max_failures", "router_health_interval"):
-        if getattr(cfg, key) < 1:
-            p.append(f"FLEET_{key.upper()}={getattr(cfg, key)}: must be at least 1")
-    if cfg.is_router:
-        return p
+    """Cross-field checks (sglang_fleet.validation). Each message names the variable, the value and
+    what is allowed."""
+    from sglang_fleet.validation import validate_config  # it imports this module's names
 
-    if cfg.nnodes < 1:
-        p.append(f"FLEET_NNODES={cfg.nnodes}: must be at least 1")
-    if cfg.nnodes > 1 and not cfg.group:
-        p.append(f"FLEET_GROUP is required when FLEET_NNODES={cfg.nnodes} (> 1): every member of the group "
-                 f"sets the same name, e.g. FLEET_GROUP=llama-405b-a")
-    if cfg.node_rank is not None and not 0 <= cfg.node_rank < max(cfg.nnodes, 1):
-        p.append(f"FLEET_NODE_RANK={cfg.node_rank}: must be between 0 and FLEET_NNODES-1 "
-                 f"({max(cfg.nnodes, 1) - 1})")
-    if not cfg.model_path:
-        p.append("FLEET_MODEL_PATH is not set: give a model path or Hugging Face id (or a FLEET_PRESET)")
-    for key in ("tp_size", "ep_size", "dp_size", "pp_size", "ep_redundant_experts"):
-        val = getattr(cfg, key)
-        if val is not None and val < (0 if key == "ep_redundant_experts" else 1):
-            p.append(f"FLEET_{key.upper()}={val}: must be at least {0 if key == 'ep_redundant_experts' else 1}")
-    if cfg.nnodes >= 1 and cfg.tp_size >= 1:
-        world = cfg.tp_size * (cfg.pp_size or 1)
-        if world % cfg.nnodes:
-            p.append(f"FLEET_TP_SIZE={cfg.tp_size}: tp_size x pp_size ({world}) must be divisible by "
-                     f"FLEET_NNODES={cfg.nnodes} (each node runs the same number of GPUs)")
-        if cfg.ep_size and cfg.ep_size >= 1 and cfg.tp_size % cfg.ep_size:
-            p.append(f"FLEET_EP_SIZE={cfg.ep_size}: must divide FLEET_TP_SIZE={cfg.tp_size} "
-                     f"(SGLang requires tp_size % ep_size == 0)")
-        if cfg.dp_size and cfg.dp_size >= 1 and cfg.tp_size % cfg.dp_size:
-            p.append(f"FLEET_DP_SIZE={cfg.dp_size}: must divide FLEET_TP_SIZE={cfg.tp_size} "
-                     f"(SGLang requires tp_size % dp_size == 0)")
-    if cfg.attn_dp and not (cfg.dp_size and cfg.dp_size > 1):
-        p.append(f"FLEET_ATTN_DP={int(cfg.attn_dp)}: data-parallel attention needs FLEET_DP_SIZE > 1 "
-                 f"(got {cfg.dp_size})")
-    if cfg.dp_lm_head and not cfg.attn_dp:
-        p.append("FLEET_DP_LM_HEAD=1: needs FLEET_ATTN_DP=1 (SGLang enables the DP LM head only with "
-                 "data-parallel attention)")
-    if cfg.moe_a2a_backend and not cfg.ep_size:
-        p.append(f"FLEET_MOE_A2A_BACKEND={cfg.moe_a2a_backend!r}: needs FLEET_EP_SIZE (expert parallelism)")
-    flags = {flag for flag, _ in cfg.sglang_args}
-    prefill_only = sorted(flags & {"chunked-prefill-size", "max-prefill-tokens", "disaggregation-bootstrap-port"})
-    if cfg.role == "decode" and prefill_only:
-        p.append(f"FLEET_SGLANG_ARGS: {', '.join('--' + f for f in prefill_only)} are prefill options; "
-                 f"this node has FLEET_ROLE=decode")
-    if "disaggregation-mode" in flags:
-        p.append("FLEET_SGLANG_ARGS: do not pass --disaggregation-mode; it follows FLEET_ROLE")
-    for reserved in ("nnodes", "node-rank", "dist-init-addr", "tp-size", "tp", "model-path", "port"):
-        if reserved in flags:
-            p.append(f"FLEET_SGLANG_ARGS: --{reserved} is set by sglang-fleet (use the FLEET_* setting or "
-                     f"let the rendezvous decide)")
-    return p
+    return validate_config(cfg)
 
 
 def describe_settings() -> list[dict[str, str]]:
@@ -468,5 +470,6 @@ def describe_settings() -> list[dict[str, str]]:
 
 __all__ = [
     "ConfigError", "ConsulSettings", "EX_CONFIG", "FleetConfig", "NODE_ROLES", "ROLES", "SETTINGS",
-    "load_config", "validate", "find_preset", "preset_names", "PER_HOST_ENGINE_FLAGS",
+    "load_config", "validate", "find_preset", "preset_names", "PER_HOST_ENGINE_FLAGS", "MOE_A2A_BACKENDS",
+    "RESERVED_ENGINE_FLAGS", "describe_settings",
 ]

@@ -1,0 +1,388 @@
+"""The engine process: one SGLang server rank (or the sim), supervised as its own process group.
+
+API (the node loop is the only caller, from its own thread; make one Engine per generation, since
+rank and generation are bound into its log context; start() may be called again after a failure):
+  engine = Engine(health_url, rank, *, ready_timeout=1800, stop_grace=30, start_attempts=3,
+                  backoff_base=1, backoff_max=60, context={"group": g, "generation": G, "rank": r})
+  engine = Engine.from_config(cfg, rank, **context)       # same, settings taken from FleetConfig
+  engine.start(launch) -> str          # spawn launch.argv with launch.env; state STARTING (or EXITED)
+  engine.poll() -> EngineState         # cheap, non-blocking; does the transitions; call every cycle
+  engine.wait_ready(deadline=None, stop_event=None) -> EngineState   # blocks while STARTING
+  engine.start_with_retries(launch, stop_event) -> str   # start + wait ready, tenacity retries;
+        raises EngineStartFailed(reason) after start_attempts, EngineStartCancelled on shutdown
+  engine.stop(grace=None) -> str       # SIGTERM to the group, grace, SIGKILL; reaps; idempotent
+  engine.state, .reason (last sentence), .failed (EXITED/UNHEALTHY), .pid, .returncode, .history
+
+States (supervisord's process.py, plus UNHEALTHY for an engine that is alive but not serving):
+  STOPPED -> STARTING -> RUNNING -> STOPPING -> STOPPED;  STARTING/RUNNING -> EXITED (process died)
+  STARTING -> UNHEALTHY (not ready in time);  RUNNING -> UNHEALTHY (/health failed N times in a row)
+  start_with_retries: failed attempt -> BACKOFF -> STARTING ...; attempts spent -> FATAL.
+EXITED and UNHEALTHY are local failures: the node loop ends the generation and calls stop().
+
+Readiness: rank 0 when GET /health answers 200 (SGLang runs a one-token generation there); ranks > 0
+when the process is alive and its dummy health server (same port) answers 200. While RUNNING only rank
+0's /health is probed (every 5 s, 3 failures in a row = stuck). Probes run in a helper
+thread that only records what it saw; poll() decides. Output lines become `engine_output` log events.
+"""
+from __future__ import annotations
+
+import enum
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
+
+import structlog
+import tenacity
+
+PROBE_INTERVAL = 0.5  # seconds between readiness probes while STARTING
+PROBE_TIMEOUT = 20.0  # SGLang's /health generates one token; a busy server may take a while
+HEALTH_INTERVAL = 5.0  # seconds between /health probes while RUNNING (rank 0)
+HEALTH_FAILURES = 3  # consecutive failed probes that make a running engine UNHEALTHY
+KILL_WAIT = 5.0  # seconds to wait for the group to vanish after SIGKILL
+
+# No proxy: the probe always goes to this host's own engine.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class EngineState(enum.Enum):
+    STOPPED = "STOPPED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+    EXITED = "EXITED"
+    UNHEALTHY = "UNHEALTHY"
+    BACKOFF = "BACKOFF"
+    FATAL = "FATAL"
+
+
+FAILED_STATES = frozenset({EngineState.EXITED, EngineState.UNHEALTHY})
+
+
+class EngineStartFailed(Exception):
+    """The engine did not become ready (after all attempts, when raised by start_with_retries)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+class EngineStartCancelled(Exception):
+    """Shutdown was requested while the engine was starting or backing off."""
+
+
+class Launch(Protocol):
+    argv: list[str]
+    env: dict[str, str]
+
+
+@dataclass
+class _Run:
+    """One spawned process and what the helper threads saw of it."""
+    proc: subprocess.Popen
+    pgid: int
+    started_at: float
+    done: threading.Event = field(default_factory=threading.Event)  # tells helpers to finish
+    ready_at: float | None = None  # first successful probe
+    failures: int = 0  # consecutive failed probes after ready
+    last_error: str = "no probe yet"
+    threads: list[threading.Thread] = field(default_factory=list)
+
+
+def probe(url: str, timeout: float) -> str | None:
+    """None when `url` answers 200, else a short description of what went wrong."""
+    try:
+        with _OPENER.open(url, timeout=timeout) as resp:
+            return None if resp.status == 200 else f"HTTP {resp.status}"
+    except urllib.error.HTTPError as e:
+        return f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return f"timed out after {timeout:g} s" if "timed out" in str(reason) else str(reason)
+
+
+class Engine:
+    def __init__(self, health_url: str, rank: int, *, ready_timeout: float = 1800.0,
+                 stop_grace: float = 30.0, start_attempts: int = 3, backoff_base: float = 1.0,
+                 backoff_max: float = 60.0, probe_interval: float = PROBE_INTERVAL,
+                 probe_timeout: float = PROBE_TIMEOUT, health_interval: float = HEALTH_INTERVAL,
+                 health_failures: int = HEALTH_FAILURES, context: Mapping[str, Any] | None = None):
+        self.health_url = health_url
+        self.rank = rank
+        self.ready_timeout = ready_timeout
+        self.stop_grace = stop_grace
+        self.start_attempts = start_attempts
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.health_interval = health_interval
+        self.health_failures = health_failures
+        self.context = {"rank": rank, **(context or {})}
+        self.state = EngineState.STOPPED
+        self.reason = "engine not started"
+        self.returncode: int | None = None
+        self.history: list[tuple[EngineState, str]] = []  # last 50 transitions, for tests and status
+        self._run: _Run | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, cfg, rank: int, **context: Any) -> "Engine":
+        return cls(f"http://127.0.0.1:{cfg.http_port}/health", rank, ready_timeout=cfg.ready_timeout,
+                   stop_grace=cfg.stop_grace, start_attempts=cfg.start_attempts,
+                   backoff_base=cfg.backoff_base, backoff_max=cfg.backoff_max, context=context)
+
+    # -- observation -------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._run.proc.pid if self._run else None
+
+    @property
+    def failed(self) -> bool:
+        return self.state in FAILED_STATES
+
+    def _log(self):
+        # Built per call so the context (and the test's capture_logs) in force now applies.
+        return structlog.get_logger("sglang_fleet.engine").bind(**self.context)
+
+    def _change(self, state: EngineState, sentence: str, **fields: Any) -> str:
+        with self._lock:
+            self.state, self.reason = state, sentence
+            self.history = (self.history + [(state, sentence)])[-50:]
+        log = self._log()
+        (log.warning if state in FAILED_STATES or state is EngineState.FATAL else log.info)(
+            sentence, state=state.value, **fields)
+        return sentence
+
+    # -- start -------------------------------------------------------------------------------
+
+    def start(self, launch: Launch) -> str:
+        """Spawns the engine in its own session (its own process group). Never blocks on it."""
+        if self._run is not None and self._run.proc.poll() is None:
+            raise RuntimeError(f"engine pid {self._run.proc.pid} is still running; stop() it first")
+        self._release()
+        self.returncode = None
+        try:
+            proc = subprocess.Popen(list(launch.argv), env=dict(launch.env), start_new_session=True,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, close_fds=True)
+        except OSError as e:
+            return self._change(EngineState.EXITED, f"engine could not be started: {e}")
+        run = _Run(proc=proc, pgid=proc.pid, started_at=time.monotonic())
+        self._run = run
+        log = structlog.get_logger("sglang_fleet.engine").bind(
+            **{**structlog.contextvars.get_contextvars(), **self.context})  # threads don't inherit contextvars
+        for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+            run.threads.append(_thread(f"engine-{name}", _pump, stream, name, log))
+        run.threads.append(_thread("engine-probe", self._probe_loop, run))
+        return self._change(EngineState.STARTING, f"engine started pid {proc.pid}", pid=proc.pid)
+
+    def _probe_loop(self, run: _Run) -> None:
+        """Helper thread: records probe results in `run`; poll() decides what they mean."""
+        while not run.done.is_set() and run.proc.poll() is None:
+            error = probe(self.health_url, self.probe_timeout)
+            if run.ready_at is None:
+                if error is None:
+                    run.ready_at = time.monotonic()
+                    if self.rank != 0:
+                        return  # the dummy health server of ranks > 0 always says 200; poll() watches the process
+                else:
+                    run.last_error = error
+                interval = self.probe_interval if run.ready_at is None else self.health_interval
+            else:
+                run.failures = 0 if error is None else run.failures + 1
+                run.last_error = error or run.last_error
+                interval = self.health_interval
+            run.done.wait(interval)
+
+    # -- the transitions ---------------------------------------------------------------------
+
+    def poll(self) -> EngineState:
+        """Cheap and non-blocking: looks at the process and the prober's findings, changes state."""
+        run, state = self._run, self.state
+        if run is None or state not in (EngineState.STARTING, EngineState.RUNNING):
+            return state
+        code = run.proc.poll()
+        if code is not None:
+            self.returncode = code
+            when = "before ready" if state is EngineState.STARTING else "while running"
+            self._change(EngineState.EXITED, f"engine exited with code {code} {when}", returncode=code)
+        elif state is EngineState.STARTING:
+            if run.ready_at is not None:
+                self._change(EngineState.RUNNING,
+                             f"engine ready after {run.ready_at - run.started_at:.1f} s")
+            elif time.monotonic() - run.started_at > self.ready_timeout:
+                self._change(EngineState.UNHEALTHY, f"engine not ready after {self.ready_timeout:g} s "
+                             f"(last probe: {run.last_error})")
+        elif run.failures >= self.health_failures:
+            self._change(EngineState.UNHEALTHY, f"engine stuck: /health failed {run.failures} times "
+                         f"(last: {run.last_error})")
+        return self.state
+
+    def wait_ready(self, deadline: float | None = None,
+                   stop_event: threading.Event | None = None) -> EngineState:
+        """Blocks while STARTING: until ready, failed, `stop_event` set or `deadline` (monotonic)."""
+        stop_event = stop_event or threading.Event()
+        while self.poll() is EngineState.STARTING:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if stop_event.wait(min(0.1, self.probe_interval)):
+                break
+        return self.state
+
+    def start_with_retries(self, launch: Launch, stop_event: threading.Event) -> str:
+        """Start and wait until ready, retried with exponential backoff and jitter.
+
+        A failed attempt (exit before ready, not ready in time) stops what is left of the engine and
+        waits in BACKOFF; `stop_event` cuts that wait short and cancels. Returns the ready sentence.
+        """
+        def attempt() -> str:
+            if stop_event.is_set():
+                raise EngineStartCancelled("shutdown requested before the engine start")
+            self.start(launch)
+            state = self.wait_ready(stop_event=stop_event)
+            if state is EngineState.RUNNING:
+                return self.reason
+            reason = self.reason
+            self.stop()
+            if stop_event.is_set():
+                raise EngineStartCancelled("shutdown requested while the engine was starting")
+            raise EngineStartFailed(reason)
+
+        def before_sleep(rs: tenacity.RetryCallState) -> None:
+            wait = rs.next_action.sleep if rs.next_action else 0.0
+            self._change(EngineState.BACKOFF, f"engine start attempt {rs.attempt_number}/"
+                         f"{self.start_attempts} failed ({rs.outcome.exception()}); retrying in "
+                         f"{wait:.1f} s", attempt=rs.attempt_number, backoff=round(wait, 3))
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.start_attempts),
+            wait=tenacity.wait_exponential_jitter(multiplier=self.backoff_base, max=self.backoff_max,
+                                                  jitter=self.backoff_base),
+            retry=tenacity.retry_if_exception_type(EngineStartFailed),
+            sleep=stop_event.wait,  # a backoff that shutdown interrupts
+            before_sleep=before_sleep, reraise=True)
+        try:
+            return retrying(attempt)
+        except EngineStartFailed as e:
+            sentence = self._change(EngineState.FATAL, f"engine failed to start {self.start_attempts} "
+                                    f"time(s); last: {e.reason}")
+            raise EngineStartFailed(sentence) from e
+
+    # -- stop --------------------------------------------------------------------------------
+
+    def stop(self, grace: float | None = None) -> str:
+        """SIGTERM to the whole process group, up to `grace` seconds, then SIGKILL; reaps. Idempotent."""
+        run = self._run
+        if run is None:
+            if self.state in (EngineState.STOPPED, EngineState.FATAL):
+                return self.reason
+            return self._change(EngineState.STOPPED, f"engine stopped ({self.reason})")
+        grace = self.stop_grace if grace is None else grace
+        self._change(EngineState.STOPPING, f"stopping engine pid {run.proc.pid}: SIGTERM to its "
+                     f"process group, {grace:g} s grace")
+        began = time.monotonic()
+        _signal_group(run.pgid, signal.SIGTERM)
+        how = "after SIGTERM"
+        if not _wait_group_gone(run, began + grace):
+            _signal_group(run.pgid, signal.SIGKILL)
+            how = f"with SIGKILL after {grace:g} s grace"
+            if not _wait_group_gone(run, time.monotonic() + KILL_WAIT):
+                how += f"; process group {run.pgid} still has live members"
+        self.returncode = run.proc.wait()
+        self._release()
+        return self._change(EngineState.STOPPED, f"engine stopped {how} in {time.monotonic() - began:.1f} s "
+                            f"(exit code {self.returncode})", returncode=self.returncode)
+
+    def _release(self) -> None:
+        """Ends the helper threads of the last run; the process must already be reaped."""
+        run, self._run = self._run, None
+        if run is None:
+            return
+        run.done.set()
+        pumps = [t for t in run.threads if t.name != "engine-probe"]  # a probe may take probe_timeout
+        for t in pumps:
+            t.join(timeout=2.0)
+        if not any(t.is_alive() for t in pumps):  # a pump still reading (pipe held by an escaped
+            for stream in (run.proc.stdout, run.proc.stderr):  # process) would block close()
+                stream.close()
+
+
+def _thread(name: str, target, *args) -> threading.Thread:
+    t = threading.Thread(target=target, args=args, name=name, daemon=True)
+    t.start()
+    return t
+
+
+def _pump(stream, name: str, log) -> None:
+    """Helper thread: every output line of the engine becomes one log event. Decides nothing."""
+    try:
+        for raw in iter(stream.readline, b""):
+            log.info("engine_output", stream=name, line=raw.decode("utf-8", "replace").rstrip("\r\n"))
+    except (OSError, ValueError):  # the pipe was closed under us by stop()
+        pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass  # the whole group is gone already
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while any non-zombie process is in the group (zombies reparented to a PID 1 that does not
+    reap would otherwise keep a group 'alive' forever)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        entries = None
+    if entries is None:
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+def _wait_group_gone(run: _Run, deadline: float) -> bool:
+    while True:
+        if run.proc.poll() is not None:  # reap our own child first: it counts while a zombie
+            _reap_orphans(run.pgid)
+        if not _group_alive(run.pgid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def _reap_orphans(pgid: int) -> None:
+    """When we are PID 1 or a subreaper, orphaned engine processes become our children: reap them."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-pgid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+__all__ = ["Engine", "EngineState", "EngineStartFailed", "EngineStartCancelled", "FAILED_STATES", "probe"]

@@ -1,0 +1,306 @@
+"""The engine's command line and environment, from the configuration and the group assignment.
+
+`build_launch()` is the single place that spells SGLang flags. It writes the canonical names of the
+pinned SGLang (0.5.23): `--tp-size`, never the prefix-matched `--tp`; `--attn-dp-size N` for the
+guide's deprecated `--dp-size N --enable-dp-attention`; `--cuda-graph-max-bs-decode` for the guide's
+now ambiguous `--cuda-graph-max-bs`. docs/configuration.md has the full mapping.
+
+The environment is built explicitly from an allowlist of the parent's variables: the supervisor's own
+FLEET_* / CONSUL_* settings and secrets never reach the engine. The NCCL/GLOO profile (netprofile.py)
+adds its variables; a variable the user already set wins and is reported in `warnings`.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shlex
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from sglang_fleet import netprofile
+from sglang_fleet.config import EX_CONFIG, ConfigError, FleetConfig
+
+SGLANG_MODULE = "sglang.launch_server"
+
+# The guide's (or older SGLang's) spellings -> what SGLang 0.5.23 accepts without prefix matching or
+# deprecation warnings. `enable-dp-attention` and `disable-cuda-graph` are handled separately below.
+FLAG_ALIASES = {
+    "tp": "tp-size", "tensor-parallel-size": "tp-size",
+    "ep": "ep-size", "expert-parallel-size": "ep-size",
+    "dp": "dp-size", "data-parallel-size": "dp-size",
+    "pp": "pp-size", "pipeline-parallel-size": "pp-size",
+    "model": "model-path", "nccl-init-addr": "dist-init-addr",
+    # SGLang 0.5.23 split it into -decode/-prefill; the old flag sized the decode CUDA graphs.
+    "cuda-graph-max-bs": "cuda-graph-max-bs-decode",
+    "cuda-graph-bs": "cuda-graph-bs-decode",
+}
+
+# Parent variables the engine inherits: exact names, and prefixes.
+INHERITED_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TERM", "HOSTNAME", "SHELL", "TMPDIR",
+    "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CONDA_PREFIX", "XDG_CACHE_HOME", "SSL_CERT_FILE", "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
+    "https_proxy", "no_proxy", "OMP_NUM_THREADS",
+})
+INHERITED_PREFIXES = (
+    "LC_", "CUDA_", "NVIDIA_", "NVSHMEM_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_", "NCCL_", "GLOO_",
+    "SGLANG_", "SGL_", "TORCH", "PYTORCH_", "PYTHON", "TRITON_", "FLASHINFER_", "UCX_", "MC_", "MKL_",
+    "KMP_", "CUBLAS_", "CUDNN_",
+)
+STRIPPED_PREFIXES = ("FLEET_", "CONSUL_")  # the supervisor's own settings, secrets included
+
+# Env names containing these are secrets. Flags are matched word by word (`--api-key` yes,
+# `--max-prefill-tokens` no).
+SECRET_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+SECRET_FLAG_WORDS = frozenset({"token", "key", "apikey", "secret", "password", "passwd", "credential",
+                               "credentials"})
+REDACTED = "***"
+
+
+@dataclass(frozen=True)
+class EngineLaunch:
+    argv: list[str]
+    env: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _inherited(name: str) -> bool:
+    if name.startswith(STRIPPED_PREFIXES):
+        return False
+    return name in INHERITED_NAMES or name.startswith(INHERITED_PREFIXES)
+
+
+def engine_flags(cfg: FleetConfig, rank: int, nnodes: int, dist_init_addr: str) -> tuple[list[str], list[str]]:
+    """SGLang flags (without the interpreter) and notes about mapped or overridden flags."""
+    notes: list[str] = []
+    flags: dict[str, Any] = {"model-path": cfg.model_path}
+    if cfg.role in ("prefill", "decode"):
+        flags["disaggregation-mode"] = cfg.role
+    flags["tp-size"] = str(cfg.tp_size)
+    if cfg.ep_size is not None:
+        flags["ep-size"] = str(cfg.ep_size)
+    if cfg.pp_size is not None:
+        flags["pp-size"] = str(cfg.pp_size)
+    if cfg.dp_size is not None:
+        # SGLang 0.5.23: attention DP is its own width; `dp_size` would count model replicas.
+        flags["attn-dp-size" if cfg.attn_dp else "dp-size"] = str(cfg.dp_size)
+    flags["dist-init-addr"] = dist_init_addr
+    flags["nnodes"] = str(nnodes)
+    flags["node-rank"] = str(rank)
+    if cfg.moe_a2a_backend:
+        flags["moe-a2a-backend"] = cfg.moe_a2a_backend
+    if cfg.dp_lm_head:
+        flags["enable-dp-lm-head"] = True
+    if cfg.ep_redundant_experts is not None:
+        flags["ep-num-redundant-experts"] = str(cfg.ep_redundant_experts)
+
+    for name, value in cfg.sglang_args:
+        if name == "enable-dp-attention":
+            width = flags.pop("dp-size", None) or flags.get("attn-dp-size")
+            if width is None:
+                notes.append("FLEET_SGLANG_ARGS --enable-dp-attention ignored: it needs FLEET_DP_SIZE")
+                continue
+            flags["attn-dp-size"] = width
+            notes.append(f"FLEET_SGLANG_ARGS --enable-dp-attention written as --attn-dp-size {width} "
+                         f"(SGLang 0.5.23 deprecates the old spelling)")
+            continue
+        if name == "disable-cuda-graph":
+            flags["cuda-graph-backend-decode"] = "disabled"
+            flags["cuda-graph-backend-prefill"] = "disabled"
+            notes.append("FLEET_SGLANG_ARGS --disable-cuda-graph written as --cuda-graph-backend-decode "
+                         "disabled --cuda-graph-backend-prefill disabled (SGLang 0.5.23 spelling)")
+            continue
+        canonical = FLAG_ALIASES.get(name, name)
+        if canonical != name:
+            notes.append(f"FLEET_SGLANG_ARGS --{name} written as --{canonical} (SGLang 0.5.23 spelling)")
+        if canonical in flags and flags[canonical] != value:
+            notes.append(f"FLEET_SGLANG_ARGS --{canonical} {_show(value)} overrides sglang-fleet's "
+                         f"{_show(flags[canonical])}")
+        flags[canonical] = value
+
+    # Appended last so they are easy to spot; the engine always listens on every interface.
+    flags["host"] = "0.0.0.0"
+    flags["port"] = str(cfg.http_port)
+    if cfg.role == "prefill":
+        flags["disaggregation-bootstrap-port"] = str(cfg.bootstrap_port)
+
+    argv: list[str] = []
+    for name, value in flags.items():
+        if value is True:
+            argv.append(f"--{name}")
+        elif isinstance(value, tuple):
+            argv += [f"--{name}", *value]
+        else:
+            argv += [f"--{name}", str(value)]
+    return argv, notes
+
+
+def _show(value: Any) -> str:
+    if value is True:
+        return "(flag)"
+    return " ".join(value) if isinstance(value, tuple) else str(value)
+
+
+def engine_env(cfg: FleetConfig, advertise_addr: str, parent_env: Mapping[str, str] | None = None,
+               proc_root: str = "/proc") -> tuple[dict[str, str], list[str]]:
+    """The engine's complete environment and notes (profile choice, user values that won)."""
+    parent = os.environ if parent_env is None else parent_env
+    env = {k: v for k, v in parent.items() if _inherited(k)}
+    notes: list[str] = []
+    try:
+        profile = netprofile.resolve(cfg.net_profile, cfg.sysfs_root)
+    except (netprofile.ProfileError, OSError) as e:
+        raise ConfigError([f"FLEET_NET_PROFILE={cfg.net_profile!r}: {e}"]) from None
+    notes.append(f"NCCL profile {profile.name} ({profile.reason})")
+    wanted = dict(profile.env)
+    ifname = netprofile.interface_for(advertise_addr, proc_root) if advertise_addr else None
+    if ifname:
+        wanted["NCCL_SOCKET_IFNAME"] = ifname
+        wanted["GLOO_SOCKET_IFNAME"] = ifname
+    else:
+        notes.append(f"no local interface holds the advertise address {advertise_addr!r}: "
+                     f"NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME not set (NCCL and GLOO pick one)")
+    for name, value in wanted.items():
+        if name in env and env[name] != value:
+            notes.append(f"{name}={env[name]} from the environment wins over {value} "
+                         f"(profile {profile.name})")
+            continue
+        env[name] = value
+    if cfg.engine == "sim":
+        # The sim reads its own knobs; everything else of FLEET_* stays with the supervisor.
+        env["FLEET_SIM_STARTUP_DELAY"] = str(cfg.sim_startup_delay)
+    return env, notes
+
+
+def build_launch(cfg: FleetConfig, rank: int, nnodes: int, dist_init_addr: str, advertise_addr: str,
+                 parent_env: Mapping[str, str] | None = None) -> EngineLaunch:
+    """argv + env + warnings for this node's engine under the given assignment."""
+    flags, flag_notes = engine_flags(cfg, rank, nnodes, dist_init_addr)
+    if cfg.engine == "sim":
+        argv = [sys.executable, "-m", "sglang_fleet", "sim-engine", *flags]
+    else:
+        argv = [cfg.engine_python, "-m", SGLANG_MODULE, *flags]
+    env, env_notes = engine_env(cfg, advertise_addr, parent_env)
+    warnings = flag_notes + env_notes
+    try:
+        if nnodes > 1 and ipaddress.ip_address(advertise_addr).is_loopback:
+            warnings.append(f"advertise address {advertise_addr} is loopback: peers on other hosts cannot "
+                            f"reach it (set FLEET_ADVERTISE_ADDR, or CONSUL_HTTP_ADDR to a remote agent)")
+    except ValueError:
+        pass
+    return EngineLaunch(argv=argv, env=env, warnings=warnings)
+
+
+def resolve_advertise_addr(cfg: FleetConfig) -> str:
+    """FLEET_ADVERTISE_ADDR, else the source address of the route toward Consul.
+
+    connect() on a UDP socket only picks a route and a source address; it sends nothing.
+    """
+    if cfg.advertise_addr:
+        return cfg.advertise_addr
+    host, port = cfg.consul.host_port
+    host = host.strip("[]")  # [::1]:8500
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return s.getsockname()[0]
+    except OSError:
+        pass
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def redact_env(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: (REDACTED if SECRET_RE.search(k) else v) for k, v in env.items()}
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    hide_next = False
+    for tok in argv:
+        if hide_next and not tok.startswith("--"):
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        hide_next = False
+        if tok.startswith("--"):
+            name, eq, _ = tok.partition("=")
+            if SECRET_FLAG_WORDS & set(name[2:].lower().replace("_", "-").split("-")):
+                if eq:
+                    out.append(f"{name}={REDACTED}")
+                    continue
+                hide_next = True
+        out.append(tok)
+    return out
+
+
+def _valid_dist_init_addr(addr: str) -> bool:
+    host, sep, port = addr.rpartition(":")
+    return bool(sep and host and port.isdigit() and 1 <= int(port) <= 65535)
+
+
+def plan_command(cfg: FleetConfig, node_rank: int | None, dist_init_addr: str | None, as_json: bool) -> int:
+    """`sglang-fleet plan`: print the argv and env this node would run (no Consul)."""
+    problems: list[str] = []
+    if cfg.is_router:
+        problems.append("FLEET_ROLE='router': plan shows the engine of a node; use a node role "
+                        "(prefill, decode or regular)")
+    rank = node_rank if node_rank is not None else (cfg.node_rank if cfg.node_rank is not None else 0)
+    if not 0 <= rank < cfg.nnodes:
+        problems.append(f"--node-rank={rank}: must be between 0 and FLEET_NNODES-1 ({cfg.nnodes - 1})")
+    if dist_init_addr is not None and not _valid_dist_init_addr(dist_init_addr):
+        problems.append(f"--dist-init-addr={dist_init_addr!r}: expected host:port (port 1-65535)")
+    if problems:
+        return _report(problems)
+    advertise = resolve_advertise_addr(cfg)
+    notes: list[str] = []
+    if dist_init_addr is None:
+        dist_init_addr = f"{advertise}:{cfg.dist_port}"
+        if rank != 0:
+            notes.append(f"dist-init address assumed to be {dist_init_addr}; pass --dist-init-addr "
+                         f"<rank 0 address>:{cfg.dist_port}")
+    try:
+        launch = build_launch(cfg, rank, cfg.nnodes, dist_init_addr, advertise)
+    except ConfigError as e:
+        return _report(e.problems)
+    argv = redact_argv(launch.argv)
+    env = redact_env(launch.env)
+    warnings = notes + launch.warnings
+    if as_json:
+        print(json.dumps({"argv": argv, "env": env, "warnings": warnings}, indent=2))
+        return 0
+    print(f"# sglang-fleet plan: cluster {cfg.cluster}, group {cfg.group or '-'}, role {cfg.role}, "
+          f"rank {rank} of {cfg.nnodes}, advertise {advertise}"
+          + (f", preset {cfg.preset}" if cfg.preset else ""))
+    for w in warnings:
+        print(f"# note: {w}")
+    lines = ["env -i"] + [f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+    lines.append(" ".join(shlex.quote(t) for t in argv[:3]))
+    i = 3
+    while i < len(argv):  # one flag (with its values) per line
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("--"):
+            j += 1
+        lines.append("  " + " ".join(shlex.quote(t) for t in argv[i:j]))
+        i = j
+    print(" \\\n  ".join(lines))
+    return 0
+
+
+def _report(problems: list[str]) -> int:
+    print(f"sglang-fleet: configuration error ({len(problems)} problem{'s' if len(problems) != 1 else ''}):",
+          file=sys.stderr)
+    for p in problems:
+        print(f"  - {p}", file=sys.stderr)
+    return EX_CONFIG
+
+
+__all__ = ["EngineLaunch", "FLAG_ALIASES", "build_launch", "engine_env", "engine_flags", "plan_command",
+           "redact_argv", "redact_env", "resolve_advertise_addr"]

@@ -1,0 +1,436 @@
+"""The node loop: rendezvous -> engine -> serving registration; restarts the whole group together.
+
+One thread decides (`Node.run_cycle`). Each cycle reads a fresh view of the group, takes at most one
+action and returns a sentence ("waiting for peers 1/2 in generation 3", "rank 1 of 2, engine ready",
+"peer node-b (rank 1) left; ending generation 3") that is logged when it changes. Helpers only observe:
+the heartbeat thread passes TTL checks (registration.py), the watcher thread holds a blocking query on
+the group's keys and wakes the loop, the engine's threads pump output and probe /health (engine.py).
+Signal handlers only set a flag.
+
+Failures: only this node's own engine failing spends its restart budget; a peer leaving or a generation
+ended by somebody else does not. Consul errors are retried with backoff and never read as a peer leaving;
+the engine keeps running through a Consul outage. (Patroni ha.py run_cycle, torchelastic _invoke_run.)
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import structlog
+import tenacity
+
+from sglang_fleet import consul_api as ca
+from sglang_fleet import launch, logs
+from sglang_fleet import registration as reg
+from sglang_fleet import rendezvous as rdv
+from sglang_fleet.config import EX_CONFIG, ConfigError, FleetConfig
+from sglang_fleet.engine import Engine, EngineState
+
+EX_FATAL = 1
+# After our own engine fails, wait this long for a peer's departure to show (its heartbeat TTL is 3 s):
+# when an NCCL peer dies, every survivor's engine aborts too, and that is the peer's failure, not ours.
+SETTLE_AFTER_ENGINE_FAILURE = 4.0
+WATCH_WAIT = "10s"
+RE_READ_EVERY = 5.0  # seconds; the watcher wakes us on every change, this is only a backstop
+
+
+class Fatal(Exception):
+    """This node gives up: withdraw everything, say why in one line, exit non-zero."""
+
+    def __init__(self, reason: str, code: int = EX_FATAL):
+        self.reason, self.code = reason, code
+        super().__init__(reason)
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """tenacity's exponential backoff with jitter for the n-th consecutive failure (n >= 1)."""
+    if attempt < 1 or base <= 0:
+        return 0.0
+    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+    state.attempt_number = attempt
+    return tenacity.wait_exponential_jitter(initial=base, max=cap, jitter=base / 2)(state)
+
+
+@dataclass
+class Ending:
+    """A generation this node is leaving; the steps run one per cycle."""
+    generation: int | None
+    reason: str
+    own_failure: bool
+
+
+class Watcher(threading.Thread):
+    """Holds a blocking query on the group's keys and wakes the loop on every change. Decides nothing."""
+
+    def __init__(self, cfg: FleetConfig, prefix: str, wake: threading.Event, stop: threading.Event):
+        super().__init__(name="watch", daemon=True)
+        self.cfg, self.prefix, self.wake, self.stop_event = cfg, prefix, wake, stop
+
+    def run(self) -> None:
+        api = ca.ConsulAPI(self.cfg.consul)
+        index, failures, last = 0, 0, None
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    index, entries = api.kv_get_tree(self.prefix, index=index, wait=WATCH_WAIT)
+                    failures = 0
+                    # Compare data, not indexes: a watch on a missing prefix wakes on any KV write.
+                    data = [(e.key, e.value, e.session) for e in entries]
+                    if data != last:
+                        last = data
+                        self.wake.set()
+                except ca.ConsulError:
+                    failures += 1
+                    index = 0
+                    self.wake.set()  # the loop will see the error itself and say so
+                    self.stop_event.wait(backoff(failures, 0.5, 5.0))
+        finally:
+            api.close()
+
+
+class Node:
+    def __init__(self, cfg: FleetConfig, api: ca.ConsulAPI | None = None):
+        self.cfg = cfg
+        self.node_name = cfg.node_name
+        self.group = cfg.group or cfg.node_name
+        self.addr = launch.resolve_advertise_addr(cfg)
+        self.api = api or ca.ConsulAPI(cfg.consul)
+        self.rdv = rdv.Rendezvous(self.api, cfg, self.node_name, self.addr)
+        self.stop_event = threading.Event()  # shutdown requested (signal)
+        self.helpers_stop = threading.Event()  # stops heartbeat/watcher at the very end
+        self.wake = threading.Event()
+        self.heartbeat = reg.Heartbeat(cfg, self.addr, self.helpers_stop)
+        self.watcher = Watcher(cfg, self.rdv.keys.prefix, self.wake, self.helpers_stop)
+        self.log = logs.get("sglang_fleet.node")
+        # Per generation:
+        self.generation: int | None = None
+        self.joined_gen_index = 0
+        self.joined_reregistrations = 0
+        self.session: str | None = None
+        self.rank: int | None = None
+        self.assignment: rdv.Assignment | None = None
+        self.engine: Engine | None = None
+        self.engine_ready_at: float | None = None
+        self.start_attempts = 0
+        self.engine_failed_at: float | None = None
+        self.restart_engine_at: float | None = None
+        self.serving = False
+        self.ending: Ending | None = None
+        # Across generations:
+        self.failures = 0  # consecutive generations this node's engine failed
+        self.last_failure = ""
+        self.resume_at = 0.0  # backoff: no new generation before this (monotonic)
+        self.view: rdv.GroupView | None = None
+        self.consul_errors = 0
+        self.idle_wait = 1.0
+        self.fresh_needed = True  # read Consul in the next cycle (woken, or we just acted)
+        self.view_at = 0.0
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def run(self) -> int:
+        structlog.contextvars.bind_contextvars(cluster=self.cfg.cluster, group=self.group, node=self.node_name)
+        self.log.info(f"node {self.node_name} of group {self.group} ({self.cfg.role}, {self.cfg.nnodes} "
+                      f"node(s), engine {self.cfg.engine}) at {self.addr}; Consul {self.api.address}")
+        self.heartbeat.start()
+        self.watcher.start()
+        last = None
+        code = 0
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    sentence = self.run_cycle()
+                    if self.consul_errors:
+                        self.log.info(f"Consul answers again after {self.consul_errors} failed attempt(s)")
+                    self.consul_errors = 0
+                except ca.ConsulUnavailable as exc:
+                    self.consul_errors += 1
+                    self.fresh_needed = True
+                    delay = backoff(self.consul_errors, 0.5, 5.0)
+                    running = " the engine keeps running;" if self.engine and self.engine.pid else ""
+                    sentence = f"Consul unavailable ({exc});{running} retrying"
+                    if sentence != last:
+                        self.log.warning(sentence, retry_in=round(delay, 2))
+                    last = sentence
+                    self._sleep(delay)
+                    continue
+                except ca.ConsulConflict as exc:
+                    # Somebody changed the group between our read and our write: read again.
+                    sentence, self.fresh_needed, self.idle_wait = f"lost a race in Consul ({exc}); re-reading", True, 0
+                except ca.ConsulError as exc:  # e.g. ACL denied: not transient, but do not crash
+                    self.consul_errors += 1
+                    sentence = f"Consul refused a request ({exc}); retrying"
+                    self.idle_wait = backoff(self.consul_errors, 1.0, 30.0)
+                if sentence and sentence != last:
+                    self.log.info(sentence)
+                    last = sentence
+                self._sleep(self.idle_wait)
+        except Fatal as fatal:
+            code = fatal.code
+            self.log.error(f"FATAL: {fatal.reason}", exit_code=code)
+        except ConfigError as exc:
+            code = EX_CONFIG
+            self.log.error(f"FATAL: configuration error: {exc}", exit_code=code)
+        finally:
+            self.shutdown("shutdown requested" if code == 0 else "fatal")
+        return code
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleeps until the watcher or a signal wakes us, at most `seconds`."""
+        if seconds > 0 and self.wake.wait(seconds):
+            self.fresh_needed = True  # something changed: the next cycle reads Consul
+        self.wake.clear()
+
+    def _wait(self, seconds: float) -> None:
+        """Ask the loop to wait up to `seconds` (or until the watcher/a signal wakes it) before the next cycle."""
+        self.idle_wait = seconds
+
+    def request_stop(self, *_args) -> None:
+        self.stop_event.set()
+        self.wake.set()
+
+    # ---- one cycle: at most one action ----------------------------------------------------------------
+    def run_cycle(self) -> str | None:
+        if self.idle_wait <= 0:
+            self.fresh_needed = True  # the previous cycle acted: read what it changed
+        self.idle_wait = 0.0  # after an action, go again at once
+        if self.ending is not None:
+            return self._step_ending()
+        now = time.monotonic()
+        if now < self.resume_at:
+            self._wait(self.resume_at - now)
+            return None
+        if not self.heartbeat.registered.is_set():
+            self._wait(0.2)
+            return "waiting for the heartbeat check to be registered in Consul"
+
+        if self.fresh_needed or self.view is None or now - self.view_at > RE_READ_EVERY:
+            self.view, self.view_at, self.fresh_needed = self.rdv.read(), now, False
+        view = self.view
+        g = self.generation
+
+        if g is not None:
+            lost = self._state_lost(view)
+            if lost:
+                return self._end(None, f"Consul lost its state ({lost}); leaving generation {g}",
+                                 own_failure=False, txn=False)
+
+        if view.generation is None:
+            self.rdv.ensure_generation()
+            return f"created generation 0 of group {self.group}"
+
+        if g is not None and view.generation != g:
+            ended = view.ended.get(g)
+            why = (f"generation {g} ended by {ended.get('by')}: {ended.get('reason')}" if ended
+                   else f"generation moved from {g} to {view.generation}")
+            return self._end(None, why, own_failure=False, txn=False)
+
+        if self.session is None:
+            self.session = self.rdv.create_session(self.heartbeat.check_id)
+            self.generation, self.joined_gen_index = view.generation, view.gen_index
+            self.joined_reregistrations = self.heartbeat.re_registrations
+            structlog.contextvars.bind_contextvars(generation=self.generation)
+            return f"joined generation {self.generation} with session {self.session[:8]}"
+
+        if self.rank is not None and view.rank_of(self.session) is None:
+            who = "my session" if self.assignment is None else "my rank key"
+            return self._end(view, f"{who} in generation {g} is gone (heartbeat missed?); rejoining",
+                             own_failure=False, txn=self.assignment is not None)
+
+        if self.rank is None:
+            rank, sentence = self.rdv.claim_rank(view, self.session)
+            if rank is None:
+                self._wait(1.0)
+            else:
+                self.rank = rank
+                structlog.contextvars.bind_contextvars(rank=rank)
+            return sentence
+
+        if self.rank == 0 and view.leader is None:
+            return self.rdv.publish_leader(view, self.session)
+
+        if self.assignment is None:
+            return self._barrier(view)
+
+        gone = rdv.departures(view, self.assignment)
+        if gone:
+            names = ", ".join(f"{m.node} (rank {m.rank})" for m in gone)
+            return self._end(view, f"peer {names} left; ending generation {g}", own_failure=False)
+
+        return self._supervise_engine(view)
+
+    def _state_lost(self, view: rdv.GroupView) -> str | None:
+        """Why the Consul state this generation was built on is gone, or None."""
+        if view.generation is None:
+            return "the group's keys are gone"
+        if self.heartbeat.re_registrations != self.joined_reregistrations:
+            return "the agent forgot our heartbeat check: restarted?"
+        if view.generation == self.generation and view.gen_index < self.joined_gen_index:
+            return "the generation key is older than the one joined"
+        return None
+
+    def _barrier(self, view: rdv.GroupView) -> str:
+        passed, sentence = rdv.barrier(view, self.generation, self.cfg.nnodes)
+        if not passed:
+            self._wait(1.0)
+            return sentence
+        mismatches = rdv.fingerprint_mismatches(view, self.rdv.fingerprint, self.node_name)
+        if mismatches:
+            self._wait(1.0)
+            return f"config mismatch in generation {self.generation}: {'; '.join(mismatches)}; starting nothing"
+        self.assignment = self.rdv.assignment(view, self.rank)
+        return (f"barrier passed: rank {self.rank} of {self.cfg.nnodes} in generation {self.generation}, "
+                f"dist-init {self.assignment.dist_init_addr}")
+
+    def _supervise_engine(self, view: rdv.GroupView) -> str | None:
+        a = self.assignment
+        now = time.monotonic()
+        if self.engine is None or (self.restart_engine_at is not None and now >= self.restart_engine_at):
+            return self._start_engine()
+        if self.restart_engine_at is not None:
+            self._wait(min(0.5, self.restart_engine_at - now))
+            return None
+        state = self.engine.poll()
+        if state is EngineState.STARTING:
+            self._wait(0.25)
+            return f"rank {a.rank} of {a.nnodes}, engine starting in generation {a.generation}"
+        if state is EngineState.RUNNING:
+            self.engine_failed_at = None
+            if self.engine_ready_at is None:
+                self.engine_ready_at = now
+            if self.rank == 0 and not self.serving:
+                reg.register_serving(self.api, self.cfg, self.addr, a.generation)
+                self.serving = True
+                self.heartbeat.pass_serving(reg.serving_ttl_check_id(self.cfg))
+                return (f"registered serving service {reg.serving_id(self.cfg)} ({self.cfg.role}) at "
+                        f"http://{self.addr}:{self.cfg.http_port} for generation {a.generation}")
+            if self.failures and now - self.engine_ready_at >= self.cfg.stable_after:
+                self.failures = 0
+                return f"generation {a.generation} stable for {self.cfg.stable_after:g} s; failure count reset"
+            self._wait(0.5)
+            return f"rank {a.rank} of {a.nnodes}, engine ready in generation {a.generation}"
+        # EXITED or UNHEALTHY: our engine failed. Was it a peer's failure first (NCCL abort)?
+        reason = self.engine.reason
+        if self.engine_failed_at is None:
+            self.engine_failed_at = now
+        settle = SETTLE_AFTER_ENGINE_FAILURE if self.cfg.nnodes > 1 else 0.0
+        if now - self.engine_failed_at < settle:
+            self._wait(0.25)
+            return f"{reason}; checking whether a peer left first"
+        never_ready = self.engine_ready_at is None
+        if never_ready and self.start_attempts < self.cfg.start_attempts:
+            delay = backoff(self.start_attempts, self.cfg.backoff_base, self.cfg.backoff_max)
+            self.engine.stop()
+            self.restart_engine_at = now + delay
+            self.engine_failed_at = None
+            return (f"engine start attempt {self.start_attempts}/{self.cfg.start_attempts} failed ({reason}); "
+                    f"retrying in {delay:.1f} s")
+        self.last_failure = reason
+        return self._end(view, f"{reason}; ending generation {a.generation}", own_failure=True)
+
+    def _start_engine(self) -> str:
+        a = self.assignment
+        self.restart_engine_at = None
+        self.start_attempts += 1
+        spec = launch.build_launch(self.cfg, a.rank, a.nnodes, a.dist_init_addr, self.addr)
+        for warning in spec.warnings:
+            self.log.info(f"launch note: {warning}")
+        if self.engine is None:
+            self.engine = Engine.from_config(self.cfg, a.rank, group=self.group, generation=a.generation)
+        self.engine.start(spec)
+        self.engine_failed_at = None
+        self._wait(0.25)
+        return (f"rank {a.rank} of {a.nnodes}: engine started (pid {self.engine.pid}, attempt "
+                f"{self.start_attempts}) in generation {a.generation}")
+
+    # ---- leaving a generation --------------------------------------------------------------------------
+    def _end(self, view: rdv.GroupView | None, reason: str, own_failure: bool, txn: bool = True) -> str:
+        """Ends (or leaves) the current generation; the clean-up steps follow, one per cycle."""
+        g = self.generation
+        sentence = reason
+        if txn and view is not None and view.generation == g:
+            cause = rdv.LOCAL_FAILURE if own_failure else rdv.PEER_LEFT
+            if not self.rdv.end_generation(view, reason, cause):
+                # Somebody else ended it first: then it was their event, not our failure.
+                own_failure = False
+                sentence = f"{reason} (generation {g} was already ended by a peer)"
+        self.ending = Ending(g, reason, own_failure)
+        if own_failure:
+            self.failures += 1
+        return sentence
+
+    def _step_ending(self) -> str:
+        e = self.ending
+        if self.serving:
+            return self._withdraw_serving()
+        if self.engine is not None and self.engine.state is not EngineState.STOPPED:
+            self.engine.stop()  # logs how it went
+            return f"engine of generation {e.generation} stopped"
+        if self.session is not None:
+            session, self.session = self.session, None
+            try:
+                self.api.session_destroy(session)
+            except ca.ConsulUnavailable:
+                pass  # it dies with the heartbeat check or is gone with Consul's state anyway
+            return f"left generation {e.generation} (session destroyed)"
+        self._reset_generation()
+        self.ending = None
+        if e.own_failure and self.failures >= self.cfg.max_failures:
+            raise Fatal(f"engine failed in {self.failures} consecutive generation(s), budget "
+                        f"FLEET_MAX_FAILURES={self.cfg.max_failures} spent; last: {self.last_failure}")
+        delay = backoff(self.failures, self.cfg.backoff_base, self.cfg.backoff_max)
+        self.resume_at = time.monotonic() + delay
+        budget = f"failure {self.failures}/{self.cfg.max_failures}" if self.failures else "no failure counted"
+        return f"restarting the group in {delay:.1f} s ({budget})"
+
+    def _withdraw_serving(self) -> str:
+        self.heartbeat.pass_serving(None)
+        self.serving = False
+        try:
+            self.api.deregister_service(reg.serving_id(self.cfg))
+        except ca.ConsulUnavailable as exc:
+            # Without its TTL passes the registration goes critical in 3 s; the engine must stop anyway.
+            return f"could not withdraw serving registration ({exc}); its TTL check lapses in 3 s"
+        return f"withdrew serving registration {reg.serving_id(self.cfg)}"
+
+    def _reset_generation(self) -> None:
+        self.generation = self.rank = self.assignment = self.engine = None
+        self.engine_ready_at = self.engine_failed_at = self.restart_engine_at = None
+        self.start_attempts = 0
+        structlog.contextvars.unbind_contextvars("generation", "rank")
+
+    # ---- shutdown --------------------------------------------------------------------------------------
+    def shutdown(self, why: str) -> None:
+        """Withdraw serving, stop the engine, destroy the session, deregister the heartbeat. Best effort."""
+        steps = []
+        if self.serving:
+            steps.append(self._withdraw_serving())
+        if self.engine is not None and self.engine.state is not EngineState.STOPPED:
+            steps.append(self.engine.stop())
+        if self.session:
+            try:
+                self.api.session_destroy(self.session)
+                steps.append("session destroyed")
+            except ca.ConsulError as exc:
+                steps.append(f"session not destroyed ({exc})")
+            self.session = None
+        self.helpers_stop.set()
+        self.heartbeat.join(timeout=3)
+        try:
+            self.api.deregister_service(reg.member_id(self.cfg))
+            steps.append("heartbeat deregistered")
+        except ca.ConsulError as exc:
+            steps.append(f"heartbeat not deregistered ({exc})")
+        self.log.info(f"{why}: " + "; ".join(steps))
+
+
+def run(cfg: FleetConfig) -> int:
+    """`sglang-fleet node`."""
+    node = Node(cfg)
+    signal.signal(signal.SIGTERM, node.request_stop)
+    signal.signal(signal.SIGINT, node.request_stop)
+    return node.run()
+
+
+__all__ = ["Node", "Fatal", "run", "backoff"]

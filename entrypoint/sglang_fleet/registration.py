@@ -1,0 +1,139 @@
+"""What a node puts into Consul's catalog: its heartbeat (every member) and the serving service (rank 0).
+
+- Heartbeat: agent service `sglang-fleet-member`, ID `sglang-fleet-<cluster>-<group>-<node>`, with a TTL
+  check of the same ID that a helper thread passes every second with its own client. The rendezvous
+  session is bound to that check, so a dead supervisor loses its rank within the TTL (3 s).
+- Serving: service `sglang`, ID `sglang-<cluster>-<group>`, registered by rank 0 only after the barrier
+  and engine readiness, with an HTTP /health check and a TTL check the heartbeat thread also passes
+  (a dead supervisor withdraws it within 3 s). PROTOCOL.md "Serving registration".
+
+The heartbeat thread decides nothing: it passes checks and re-registers its own service when the agent
+lost it (a restarted agent), and records what happened for the node loop to read.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+from sglang_fleet import consul_api as ca
+from sglang_fleet import logs
+from sglang_fleet.config import FleetConfig
+
+MEMBER_SERVICE = "sglang-fleet-member"
+SERVING_SERVICE = "sglang"
+HEARTBEAT_TTL = "3s"
+HEARTBEAT_INTERVAL = 1.0
+DEREGISTER_AFTER = "1m"  # Consul raises anything lower to 1 m
+HEALTH_INTERVAL = "5s"
+HEALTH_TIMEOUT = "20s"  # SGLang's /health generates one token
+
+
+def member_id(cfg: FleetConfig) -> str:
+    return f"sglang-fleet-{cfg.cluster}-{cfg.group or cfg.node_name}-{cfg.node_name}"
+
+
+def serving_id(cfg: FleetConfig) -> str:
+    return f"sglang-{cfg.cluster}-{cfg.group or cfg.node_name}"
+
+
+def serving_ttl_check_id(cfg: FleetConfig) -> str:
+    return serving_id(cfg) + "-supervisor"
+
+
+def register_member(api: ca.ConsulAPI, cfg: FleetConfig, addr: str) -> None:
+    group = cfg.group or cfg.node_name
+    api.register_service(
+        MEMBER_SERVICE, member_id(cfg), address=addr, tags=[f"cluster:{cfg.cluster}", f"group:{group}"],
+        meta={"cluster": cfg.cluster, "group": group, "node": cfg.node_name, "role": cfg.role},
+        checks=[{"CheckID": member_id(cfg), "Name": "sglang-fleet supervisor heartbeat", "TTL": HEARTBEAT_TTL,
+                 "Status": "passing", "DeregisterCriticalServiceAfter": DEREGISTER_AFTER}])
+
+
+def serving_definition(cfg: FleetConfig, addr: str, generation: int) -> dict:
+    """Arguments for ConsulAPI.register_service, exactly as PROTOCOL.md describes the serving service."""
+    group = cfg.group or cfg.node_name
+    sid = serving_id(cfg)
+    meta = {"cluster": cfg.cluster, "group": group, "generation": str(generation), "role": cfg.role,
+            "model": cfg.model_path, "nnodes": str(cfg.nnodes), "tp_size": str(cfg.tp_size)}
+    if cfg.role == "prefill":
+        meta["bootstrap_port"] = str(cfg.bootstrap_port)
+    return {
+        "name": SERVING_SERVICE, "service_id": sid, "address": addr, "port": cfg.http_port,
+        "tags": [cfg.role, f"cluster:{cfg.cluster}"], "meta": meta,
+        "checks": [
+            {"CheckID": sid + "-health", "Name": "engine /health", "HTTP": f"http://{addr}:{cfg.http_port}/health",
+             "Method": "GET", "Interval": HEALTH_INTERVAL, "Timeout": HEALTH_TIMEOUT,
+             # Registered only after /health answered 200: start passing, not critical.
+             "Status": "passing", "DeregisterCriticalServiceAfter": DEREGISTER_AFTER},
+            {"CheckID": serving_ttl_check_id(cfg), "Name": "sglang-fleet supervisor alive", "TTL": HEARTBEAT_TTL,
+             "Status": "passing", "DeregisterCriticalServiceAfter": DEREGISTER_AFTER},
+        ],
+    }
+
+
+def register_serving(api: ca.ConsulAPI, cfg: FleetConfig, addr: str, generation: int) -> None:
+    d = serving_definition(cfg, addr, generation)
+    api.register_service(d["name"], d["service_id"], address=d["address"], port=d["port"], tags=d["tags"],
+                         meta=d["meta"], checks=d["checks"])
+
+
+class Heartbeat(threading.Thread):
+    """Passes the member TTL check (and the serving TTL check while registered) every second."""
+
+    def __init__(self, cfg: FleetConfig, addr: str, stop: threading.Event, interval: float = HEARTBEAT_INTERVAL):
+        super().__init__(name="heartbeat", daemon=True)
+        self.cfg = cfg
+        self.addr = addr
+        self.interval = interval
+        self.stop_event = stop
+        self.check_id = member_id(cfg)
+        self.registered = threading.Event()  # the member check exists on the agent (session may bind it)
+        self.re_registrations = 0  # times the agent had lost the check (a restarted agent)
+        self.last_error: str | None = None
+        self._serving_check: str | None = None
+        self._lock = threading.Lock()
+        self._log = logs.get("sglang_fleet.heartbeat")
+
+    def pass_serving(self, check_id: str | None) -> None:
+        """Start (check id) or stop (None) passing the serving TTL check."""
+        with self._lock:
+            self._serving_check = check_id
+
+    def run(self) -> None:
+        api = ca.ConsulAPI(self.cfg.consul, timeout=2.0)
+        try:
+            while not self.stop_event.is_set():
+                began = time.monotonic()
+                self._beat(api)
+                self.stop_event.wait(max(0.0, self.interval - (time.monotonic() - began)))
+        finally:
+            api.close()
+
+    def _beat(self, api: ca.ConsulAPI) -> None:
+        try:
+            if not self.registered.is_set():
+                register_member(api, self.cfg, self.addr)
+                self.registered.set()
+                self._log.info(f"heartbeat registered as {self.check_id} (TTL {HEARTBEAT_TTL})")
+            try:
+                api.pass_ttl(self.check_id)
+            except ca.ConsulNotFound:
+                # The agent lost its state (restarted): register again; the old session died with it.
+                self.re_registrations += 1
+                register_member(api, self.cfg, self.addr)
+                self._log.warning(f"heartbeat check {self.check_id} was gone from the Consul agent "
+                                  f"(agent restarted?); registered it again")
+            with self._lock:
+                serving = self._serving_check
+            if serving:
+                try:
+                    api.pass_ttl(serving)
+                except ca.ConsulNotFound:
+                    pass  # withdrawn meanwhile, or lost with the agent's state: the node loop handles it
+            if self.last_error is not None:
+                self._log.info(f"heartbeat reaches Consul again after: {self.last_error}")
+                self.last_error = None
+        except ca.ConsulError as exc:
+            if self.last_error is None:
+                self._log.warning(f"heartbeat cannot reach Consul: {exc}; retrying every {self.interval:g} s")
+            self.last_error = str(exc)

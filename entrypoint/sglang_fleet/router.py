@@ -1,0 +1,406 @@
+"""The router role: smg kept equal to the healthy serving groups in Consul.
+
+`sglang-fleet router` starts smg as a child (smg_process.py), watches
+`/v1/health/service/sglang?passing&tag=cluster:<cluster>` with blocking queries from its own thread, and
+reconciles smg's worker list through its HTTP API (smg_client.py). Only workers carrying our label
+(`managed-by=sglang-fleet`, `sglang-fleet/cluster=<cluster>`) are ever changed; workers somebody added by
+hand are left alone. The router registers itself in Consul as `sglang-router`.
+
+One thread decides (the loop in `RouterAgent.run`); the Consul watch and smg's output pump only record.
+Consul unreachable: the last known set stays in force (smg keeps its workers) and the watch retries.
+smg exited: it is started again with backoff and the whole list is added again.
+
+Mode (`FLEET_ROUTER_MODE`): `pd` starts smg with --pd-disaggregation and adds prefill/decode groups;
+`regular` adds regular groups; `auto` (default) follows the roles registered in the cluster: pd while
+any prefill or decode group is passing (or none at all), regular when only regular groups are. A change
+of mode restarts smg (its mode is fixed at launch).
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Mapping
+
+import tenacity
+
+from sglang_fleet import logs
+from sglang_fleet.config import NODE_ROLES, FleetConfig
+from sglang_fleet.smg_client import (LABEL_CLUSTER, LABEL_GENERATION, LABEL_GROUP, LABEL_SERVICE_ID, MANAGED_BY,
+                                     MANAGED_VALUE, RouterWorker, SmgClient, SmgConflict, SmgError)
+
+SERVICE = "sglang"
+ROUTER_SERVICE = "sglang-router"
+WATCH_WAIT = "10s"
+QUIET_MAX_FACTOR = 5  # a steady stream of changes is applied at the latest after 5 quiet windows
+SMG_STABLE_AFTER = 30.0  # smg that ran this long before exiting is restarted at once; sooner: with backoff
+SMG_UNANSWERED_LIMIT = 10  # consecutive failed calls to a live smg before it is restarted as hung
+ROLE_BY_MODE = {"pd": ("prefill", "decode"), "regular": ("regular",)}
+
+
+# ---- desired state (pure) ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DesiredWorker:
+    """One passing serving group as smg should know it."""
+
+    url: str
+    worker_type: str
+    bootstrap_port: int | None = None
+    cluster: str = ""
+    group: str = ""
+    generation: str = ""
+    service_id: str = ""
+
+    def labels(self) -> dict[str, str]:
+        return {MANAGED_BY: MANAGED_VALUE, LABEL_CLUSTER: self.cluster, LABEL_GROUP: self.group,
+                LABEL_GENERATION: self.generation, LABEL_SERVICE_ID: self.service_id}
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of POST/PUT /workers."""
+        body: dict[str, Any] = {"url": self.url, "worker_type": self.worker_type, "labels": self.labels()}
+        if self.worker_type == "prefill" and self.bootstrap_port is not None:
+            body["bootstrap_port"] = self.bootstrap_port
+        return body
+
+    def matches(self, worker: RouterWorker) -> bool:
+        """Same server as smg knows it: type, bootstrap port, group and generation agree."""
+        port = self.bootstrap_port if self.worker_type == "prefill" else None
+        return (worker.url == self.url and worker.worker_type == self.worker_type
+                and worker.bootstrap_port == port
+                and worker.labels.get(LABEL_GROUP, "") == self.group
+                and worker.labels.get(LABEL_GENERATION, "") == self.generation)
+
+
+def _host(entry: Mapping[str, Any]) -> str:
+    svc, node = entry.get("Service") or {}, entry.get("Node") or {}
+    host = svc.get("Address") or node.get("Address") or ""
+    return f"[{host}]" if ":" in host else host
+
+
+def desired_from_services(entries: Iterable[Mapping[str, Any]], cluster: str) -> tuple[list[DesiredWorker], list[str]]:
+    """Consul health entries -> one DesiredWorker per serving group, plus sentences for entries that
+    cannot be used (no address, unknown role, bad bootstrap port)."""
+    workers: dict[str, DesiredWorker] = {}
+    problems: list[str] = []
+    for entry in entries:
+        svc = entry.get("Service") or {}
+        meta, tags = svc.get("Meta") or {}, svc.get("Tags") or []
+        sid = str(svc.get("ID", "?"))
+        role = meta.get("role") or next((t for t in tags if t in NODE_ROLES), "")
+        host, port = _host(entry), svc.get("Port")
+        if role not in NODE_ROLES:
+            problems.append(f"service {sid}: no role among {', '.join(NODE_ROLES)} in meta or tags; skipped")
+            continue
+        if not host or not port:
+            problems.append(f"service {sid}: no address or port; skipped")
+            continue
+        bport = None
+        if role == "prefill" and meta.get("bootstrap_port"):
+            try:
+                bport = int(meta["bootstrap_port"])
+            except ValueError:
+                problems.append(f"service {sid}: bootstrap_port={meta['bootstrap_port']!r} is not a number; skipped")
+                continue
+        url = f"http://{host}:{int(port)}"
+        if url in workers:
+            problems.append(f"service {sid}: {url} is also registered as {workers[url].service_id}; skipped")
+            continue
+        workers[url] = DesiredWorker(url=url, worker_type=role, bootstrap_port=bport, cluster=cluster,
+                                     group=str(meta.get("group", "")), generation=str(meta.get("generation", "")),
+                                     service_id=sid)
+    return sorted(workers.values(), key=lambda w: w.url), problems
+
+
+def choose_mode(setting: str, roles: Iterable[str], current: str | None) -> str:
+    """smg's mode: the setting when it is pd/regular; for auto, pd unless only regular groups pass.
+    With no groups passing, keep what runs (pd at first start)."""
+    if setting in ROLE_BY_MODE:
+        return setting
+    roles = set(roles)
+    if not roles:
+        return current or "pd"
+    return "pd" if roles & {"prefill", "decode"} else "regular"
+
+
+def reconcile(desired: Iterable[DesiredWorker], actual: Iterable[RouterWorker],
+              cluster: str | None = None) -> tuple[list[DesiredWorker], list[RouterWorker]]:
+    """(add, remove) that make smg's managed workers equal to `desired`.
+
+    - Workers without our managed label (or of another cluster) are never removed, and a desired URL
+      held by such a worker is not added (smg refuses a second worker with the same URL).
+    - A managed worker whose type, bootstrap port, group or generation changed is in both lists (the
+      caller replaces it in place).
+    - A draining worker is already leaving: not removed again; its URL is added once it is gone.
+    """
+    actual = list(actual)
+    by_url = {w.url: w for w in actual}
+    want = {d.url: d for d in desired}
+    remove = [w for w in actual if w.managed_by(cluster) and not w.draining
+              and (w.url not in want or not want[w.url].matches(w))]
+    add = []
+    for url, d in sorted(want.items()):
+        have = by_url.get(url)
+        if have is None or (have.managed_by(cluster) and not have.draining and not d.matches(have)):
+            add.append(d)
+    return add, remove
+
+
+# ---- the agent ----------------------------------------------------------------------------------------
+class RouterAgent:
+    """Keeps one smg equal to Consul. `run()` blocks until `stop()` (or SIGTERM through `run(cfg)`)."""
+
+    def __init__(self, cfg: FleetConfig, smg=None, consul_factory=None):
+        from sglang_fleet.smg_process import SmgProcess
+        if consul_factory is None:
+            from sglang_fleet.consul_api import ConsulAPI
+            consul_factory = ConsulAPI
+        self.cfg = cfg
+        self.smg = smg or SmgProcess(cfg)
+        self._consul_factory = consul_factory
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._entries: list[dict] | None = None  # last answer from Consul; None until the first one
+        self._seq = 0
+        self._consul_ok = False
+        self.service_id = f"{ROUTER_SERVICE}-{cfg.cluster}-{cfg.node_name}"
+        self._registered_mode: str | None = None
+        self._quick_exits = 0  # smg exits in a row that came soon after its start
+        self._parsed: tuple[int, tuple[list[DesiredWorker], set[str]]] | None = None
+        self.log = logs.get("router", cluster=cfg.cluster)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    def _retrying(self, exc_types: tuple, attempts: int | None = None, cap: float | None = None) -> tenacity.Retrying:
+        """A Retrying built from config; its sleep returns early on shutdown."""
+        stop = tenacity.stop_when_event_set(self._stop)
+        if attempts:
+            stop = stop | tenacity.stop_after_attempt(attempts)
+        return tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(exc_types), reraise=True, sleep=self._stop.wait, stop=stop,
+            wait=tenacity.wait_exponential(multiplier=max(self.cfg.backoff_base, 0.1),
+                                           max=cap or self.cfg.backoff_max) + tenacity.wait_random(0, 0.2),
+            before_sleep=lambda rs: self.log.warning(
+                "retrying", what=getattr(rs.fn, "__name__", "?"), attempt=rs.attempt_number,
+                error=str(rs.outcome.exception()), sleep=round(rs.next_action.sleep, 2)))
+
+    def _watch(self) -> None:
+        """Consul health watch (own thread, own client). Publishes every changed answer."""
+        from sglang_fleet.consul_api import ConsulError
+        api = self._consul_factory(self.cfg.consul)
+        index, last = 0, None
+        retrying = self._retrying((ConsulError,), cap=min(self.cfg.backoff_max, 10.0))
+        while not self._stop.is_set():
+            try:
+                index, entries = retrying(api.health_service, SERVICE, tag=f"cluster:{self.cfg.cluster}",
+                                          passing=True, index=index, wait=WATCH_WAIT)
+            except ConsulError as e:
+                if not self._stop.is_set():  # pragma: no cover - retrying only gives up on shutdown
+                    self.log.error("consul watch failed", error=str(e))
+                continue
+            if not self._consul_ok:
+                self.log.info("consul answers", address=getattr(api, "address", "?"), services=len(entries))
+            with self._lock:
+                self._consul_ok = True
+                if entries != last:
+                    last, self._entries = entries, entries
+                    self._seq += 1
+                    self._wake.set()
+
+    def _desired(self) -> tuple[list[DesiredWorker], set[str]] | None:
+        """The last Consul answer as desired workers and their roles; None before the first answer."""
+        with self._lock:
+            entries, seq = self._entries, self._seq
+        if entries is None:
+            return None
+        if self._parsed is None or self._parsed[0] != seq:
+            workers, problems = desired_from_services(entries, self.cfg.cluster)
+            for p in problems:  # once per Consul answer, not once per loop
+                self.log.warning("unusable service", problem=p)
+            self._parsed = (seq, (workers, {w.worker_type for w in workers}))
+        return self._parsed[1]
+
+    def _start_smg(self, mode: str) -> None:
+        from sglang_fleet.smg_process import SmgStartFailed
+        self._retrying((SmgStartFailed,), attempts=self.cfg.start_attempts)(self.smg.start, mode, self._stop)
+
+    def apply(self, desired: list[DesiredWorker]) -> str:
+        """One reconcile against smg; returns the sentence that describes it."""
+        client: SmgClient = self.smg.client
+        actual = client.list_workers()
+        add, remove = reconcile(desired, actual, self.cfg.cluster)
+        by_url = {w.url: w for w in remove}
+        replaced = by_url.keys() & {d.url for d in add}
+        done: list[str] = []
+        for w in remove:
+            if w.url not in replaced:
+                client.remove_worker(w.id)
+                done.append(f"removed {w.worker_type} {w.url}")
+        for d in add:
+            try:
+                if d.url in replaced:
+                    client.replace_worker(by_url[d.url].id, d.body())
+                    done.append(f"replaced {d.worker_type} {d.url} (group {d.group} generation {d.generation})")
+                else:
+                    client.add_worker(d.body())
+                    done.append(f"added {d.worker_type} {d.url} (group {d.group} generation {d.generation})")
+            except SmgConflict as e:  # still being added, or still draining: the next resync retries
+                self.log.debug("add deferred", url=d.url, reason=str(e))
+        if not done:
+            return ""
+        sentence = "; ".join(done)
+        self.log.info(sentence, workers=len(desired), managed_before=sum(w.managed_by(self.cfg.cluster) for w in actual))
+        return sentence
+
+    def _register(self, api, mode: str) -> None:
+        addr = advertise_addr(self.cfg)
+        api.register_service(
+            ROUTER_SERVICE, self.service_id, address=addr, port=self.cfg.router_port,
+            tags=[f"cluster:{self.cfg.cluster}", mode],
+            meta={"cluster": self.cfg.cluster, "node": self.cfg.node_name, "mode": mode,
+                  "prometheus_port": str(self.cfg.router_prometheus_port)},
+            checks=[{"CheckID": self.service_id, "Name": "smg liveness",
+                     "HTTP": f"http://{addr}:{self.cfg.router_port}/liveness", "Interval": "5s",
+                     "Timeout": "3s", "DeregisterCriticalServiceAfter": "1m"}])
+        self._registered_mode = mode
+        self.log.info("registered in consul", service=ROUTER_SERVICE, id=self.service_id, address=addr,
+                      port=self.cfg.router_port, mode=mode)
+
+    def _ensure_registered(self, api, mode: str) -> None:
+        from sglang_fleet.consul_api import ConsulError
+        try:
+            if self._registered_mode != mode or self.service_id not in api.agent_services():
+                self._register(api, mode)
+        except ConsulError as e:
+            self.log.warning("cannot register the router in consul; retrying later", error=str(e))
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def run(self) -> int:
+        from sglang_fleet.consul_api import ConsulError
+        from sglang_fleet.smg_process import SmgStartFailed
+        api = self._consul_factory(self.cfg.consul)
+        threading.Thread(target=self._watch, name="consul-watch", daemon=True).start()
+        quiet = self.cfg.router_quiet_window
+        resync_at, seen_seq, dirty, unanswered = 0.0, -1, True, 0
+        try:
+            while not self._stop.is_set():
+                state = self._desired()
+                mode = choose_mode(self.cfg.router_mode, state[1] if state else (), self.smg.mode)
+                if not self.smg.running() or self.smg.mode != mode:
+                    if self.smg.mode is not None and self.smg.mode != mode:
+                        self.log.info("smg mode changes; restarting smg", old=self.smg.mode, new=mode)
+                    elif self.smg.mode is not None:
+                        self._after_smg_exit()
+                    try:
+                        self._start_smg(mode)
+                    except SmgStartFailed as e:
+                        if self._stop.is_set():
+                            break
+                        self.log.error("smg cannot be started; giving up", error=str(e),
+                                       attempts=self.cfg.start_attempts)
+                        return 1
+                    dirty = True
+                if self._seq != seen_seq:
+                    # Quiet window: apply once Consul has been still for `quiet` s (at most QUIET_MAX_FACTOR x).
+                    first = time.monotonic()
+                    while not self._stop.is_set() and quiet > 0:
+                        seq = self._seq
+                        if self._stop.wait(quiet) or self._seq == seq or time.monotonic() - first > quiet * QUIET_MAX_FACTOR:
+                            break
+                    seen_seq, dirty = self._seq, True
+                    continue  # re-read the state and the mode with the newest answer
+                now = time.monotonic()
+                if state is not None and (dirty or now >= resync_at):
+                    try:
+                        changed = self.apply([w for w in state[0] if w.worker_type in ROLE_BY_MODE[mode]])
+                        ignored = sorted({w.worker_type for w in state[0]} - set(ROLE_BY_MODE[mode]))
+                        if ignored and dirty:
+                            self.log.warning("groups of these roles are not routed in this mode", mode=mode,
+                                             roles=ignored)
+                        dirty = False
+                        # After a change, look again soon: additions finish and drains end in the background.
+                        resync_at = now + (1.0 if changed else self.cfg.router_resync_interval)
+                    except SmgError as e:
+                        unanswered += 1
+                        self.log.warning("smg did not take the change; retrying", error=str(e), failures=unanswered)
+                        resync_at = now + 1.0
+                        if unanswered >= SMG_UNANSWERED_LIMIT and self.smg.running():
+                            self.log.error("smg stopped answering; restarting it", failures=unanswered)
+                            self.smg.stop()
+                            unanswered = 0
+                    else:
+                        unanswered = 0
+                    self._ensure_registered(api, mode)
+                elif state is None and now >= resync_at:
+                    self._ensure_registered(api, mode)
+                    resync_at = now + self.cfg.router_resync_interval
+                self._wake.wait(min(0.5, max(0.05, resync_at - time.monotonic())))
+                self._wake.clear()
+        finally:
+            self._shutdown(api, ConsulError)
+        return 0
+
+    def _after_smg_exit(self) -> None:
+        """Logs the exit; when smg keeps dying soon after starting, waits an exponential backoff
+        (backoff_base doubling up to backoff_max, as tenacity's wait_exponential) first."""
+        uptime = time.monotonic() - self.smg.started_at
+        self._quick_exits = self._quick_exits + 1 if uptime < SMG_STABLE_AFTER else 0
+        delay = 0.0
+        if self._quick_exits > 1:
+            delay = tenacity.wait_exponential(multiplier=self.cfg.backoff_base, max=self.cfg.backoff_max)(
+                _Attempt(self._quick_exits - 1))
+        self.log.warning("smg exited; starting it again", returncode=self.smg.returncode(),
+                         uptime=round(uptime, 1), backoff=round(delay, 2))
+        self._stop.wait(delay)
+
+    def _shutdown(self, api, consul_error) -> None:
+        self._stop.set()
+        try:
+            api.deregister_service(self.service_id)
+            self.log.info("deregistered from consul", id=self.service_id)
+        except consul_error as e:
+            self.log.warning("could not deregister the router from consul", error=str(e))
+        self.smg.stop()
+
+
+class _Attempt:
+    """The one field of tenacity's RetryCallState that its wait strategies read."""
+
+    def __init__(self, attempt_number: int):
+        self.attempt_number = attempt_number
+
+
+def advertise_addr(cfg: FleetConfig) -> str:
+    """Where clients (and Consul's check) reach smg: FLEET_ADVERTISE_ADDR, else a concrete
+    FLEET_ROUTER_HOST, else the address of the interface that routes toward Consul."""
+    if cfg.advertise_addr:
+        return cfg.advertise_addr
+    if cfg.router_host not in ("0.0.0.0", "::", ""):
+        return cfg.router_host
+    try:
+        from sglang_fleet.launch import resolve_advertise_addr
+        return resolve_advertise_addr(cfg)
+    except ImportError:  # pragma: no cover - launch.py is always there in a release
+        import socket
+        host, port = cfg.consul.host_port
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return s.getsockname()[0]
+
+
+def run(cfg: FleetConfig) -> int:
+    """`sglang-fleet router`: SIGTERM/SIGINT deregister, stop smg and exit 0."""
+    agent = RouterAgent(cfg)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop())
+    return agent.run()
+
+
+from sglang_fleet.router_view import format_router_view, router_view  # noqa: E402  (status uses these)
+
+__all__ = ["DesiredWorker", "RouterAgent", "advertise_addr", "choose_mode", "desired_from_services",
+           "format_router_view", "reconcile", "router_view", "run"]

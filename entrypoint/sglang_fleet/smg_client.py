@@ -1,0 +1,147 @@
+"""smg's worker API over HTTP (urllib only): list, add, replace and remove workers.
+
+What smg 1.13 does, as seen on a live `smg launch` (see docs/configuration.md, "Router"):
+- `GET /workers` -> `{"workers": [{"id", "url", "worker_type", "bootstrap_port", "labels", "status",
+  "is_healthy", ...}], "total", "stats"}`. A worker whose addition is still running is NOT listed.
+- `POST /workers` with `{"url", "worker_type", "bootstrap_port", "labels"}` -> 202 and a `worker_id`
+  (a UUID); the addition runs in the background (probes /health, /v1/models, /server_info ...).
+  The same URL again -> 409 (`WORKER_ALREADY_EXISTS` or `WORKER_CREATE_IN_PROGRESS`).
+- `PUT /workers/{id}` with the same body replaces the worker in place (same id) -> 202.
+- `DELETE /workers/{id}` -> 202; the worker shows `status: "draining"` for a few seconds (smg's drain
+  settle time), is no longer routed to, then disappears. An id that is not a UUID -> 400.
+- With `--api-key`, every route except the probes (/health, /liveness, /readiness) wants
+  `Authorization: Bearer <key>`.
+"""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# Labels on workers this appliance added. A worker without MANAGED_BY=MANAGED_VALUE is never touched.
+MANAGED_BY = "managed-by"
+MANAGED_VALUE = "sglang-fleet"
+LABEL_CLUSTER = "sglang-fleet/cluster"
+LABEL_GROUP = "sglang-fleet/group"
+LABEL_GENERATION = "sglang-fleet/generation"
+LABEL_SERVICE_ID = "sglang-fleet/service-id"
+
+
+class SmgError(Exception):
+    """smg did not answer, or answered with an error we cannot act on."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class SmgConflict(SmgError):
+    """409: a worker with that URL exists or is being added already."""
+
+
+@dataclass(frozen=True)
+class RouterWorker:
+    """One worker as smg lists it."""
+
+    id: str
+    url: str
+    worker_type: str
+    bootstrap_port: int | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    status: str = "ready"
+    is_healthy: bool = True
+
+    @classmethod
+    def from_api(cls, raw: Mapping[str, Any]) -> "RouterWorker":
+        port = raw.get("bootstrap_port")
+        return cls(id=str(raw.get("id", "")), url=str(raw.get("url", "")),
+                   worker_type=str(raw.get("worker_type") or "regular"),
+                   bootstrap_port=int(port) if port not in (None, "") else None,
+                   labels=dict(raw.get("labels") or {}), status=str(raw.get("status") or "ready"),
+                   is_healthy=bool(raw.get("is_healthy", True)))
+
+    @property
+    def draining(self) -> bool:
+        return self.status == "draining"
+
+    def managed_by(self, cluster: str | None) -> bool:
+        """True for a worker this appliance added for `cluster` (any cluster when None)."""
+        if self.labels.get(MANAGED_BY) != MANAGED_VALUE:
+            return False
+        return cluster is None or self.labels.get(LABEL_CLUSTER) == cluster
+
+
+class SmgClient:
+    """Talks to one smg. Thread-safe (no shared connection state)."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 5.0):
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+
+    def _request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base_url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.api_key:
+            req.add_header("Authorization", f"Bearer {self.api_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
+                return resp.status, _decode(resp.read())
+        except urllib.error.HTTPError as e:
+            payload = _decode(e.read())
+            code = payload.get("code") if isinstance(payload, dict) else None
+            text = payload.get("error") if isinstance(payload, dict) else payload
+            if isinstance(text, dict):  # OpenAI-style {"error": {"message": ...}}
+                text = text.get("message")
+            msg = f"smg {method} {path}: HTTP {e.code}: {text or e.reason}"
+            if e.code == 409:
+                raise SmgConflict(msg, e.code, code) from None
+            raise SmgError(msg, e.code, code) from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise SmgError(f"smg {method} {path}: {reason}") from None
+
+    def alive(self, timeout: float = 2.0) -> bool:
+        """smg's own liveness probe answers 200 (no API key needed)."""
+        try:
+            status, _ = self._request("GET", "/liveness", timeout=timeout)
+            return status == 200
+        except SmgError:
+            return False
+
+    def list_workers(self) -> list[RouterWorker]:
+        _, payload = self._request("GET", "/workers")
+        if not isinstance(payload, dict) or not isinstance(payload.get("workers"), list):
+            raise SmgError(f"smg GET /workers: unexpected answer {str(payload)[:200]!r}")
+        return [RouterWorker.from_api(w) for w in payload["workers"] if isinstance(w, dict)]
+
+    def add_worker(self, body: Mapping[str, Any]) -> str:
+        """Queues the addition; returns smg's worker id. SmgConflict if the URL is known already."""
+        _, payload = self._request("POST", "/workers", dict(body))
+        return str((payload or {}).get("worker_id", "")) if isinstance(payload, dict) else ""
+
+    def replace_worker(self, worker_id: str, body: Mapping[str, Any]) -> None:
+        self._request("PUT", f"/workers/{worker_id}", dict(body))
+
+    def remove_worker(self, worker_id: str) -> None:
+        self._request("DELETE", f"/workers/{worker_id}")
+
+
+def _decode(raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace").strip()
+
+
+__all__ = [
+    "LABEL_CLUSTER", "LABEL_GENERATION", "LABEL_GROUP", "LABEL_SERVICE_ID", "MANAGED_BY", "MANAGED_VALUE",
+    "RouterWorker", "SmgClient", "SmgConflict", "SmgError",
+]

@@ -1,0 +1,109 @@
+"""Cross-field checks of a FleetConfig: every problem, each naming the variable, its value and what
+is allowed. Single-value checks (types, choices) happen while parsing, in config.py."""
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from sglang_fleet.config import NAME_RE, PREFILL_ONLY_ENGINE_FLAGS, RESERVED_ENGINE_FLAGS, FleetConfig
+
+
+def validate_config(cfg: FleetConfig) -> list[str]:
+    """Cross-field checks. Each message names the variable, the value and what is allowed."""
+    p: list[str] = []
+    for key in ("cluster", "group", "node_name"):
+        val = getattr(cfg, key)
+        if val and not NAME_RE.match(val):
+            p.append(f"FLEET_{key.upper()}={val!r}: use letters, digits, '.', '_' and '-' (at most 63, "
+                     f"starting with a letter or digit); it becomes part of Consul keys and service IDs")
+    for key in ("http_port", "dist_port", "bootstrap_port", "router_port", "router_prometheus_port"):
+        val = getattr(cfg, key)
+        if not 1 <= val <= 65535:
+            p.append(f"FLEET_{key.upper()}={val}: must be a port number between 1 and 65535")
+    for key in ("stop_grace", "backoff_base", "backoff_max", "stable_after", "sim_startup_delay",
+                "router_quiet_window", "router_resync_interval"):
+        if getattr(cfg, key) < 0:
+            p.append(f"FLEET_{key.upper()}={getattr(cfg, key)}: must be zero or more seconds")
+    if cfg.ready_timeout <= 0:
+        p.append(f"FLEET_READY_TIMEOUT={cfg.ready_timeout}: must be more than zero seconds")
+    if cfg.backoff_max < cfg.backoff_base:
+        p.append(f"FLEET_BACKOFF_MAX={cfg.backoff_max}: must be at least FLEET_BACKOFF_BASE={cfg.backoff_base}")
+    for key in ("start_attempts", "max_failures", "router_health_interval"):
+        if getattr(cfg, key) < 1:
+            p.append(f"FLEET_{key.upper()}={getattr(cfg, key)}: must be at least 1")
+    if cfg.advertise_addr and not _host_like(cfg.advertise_addr):
+        p.append(f"FLEET_ADVERTISE_ADDR={cfg.advertise_addr!r}: must be an IP address or host name, without "
+                 f"scheme or port (e.g. 10.0.0.12)")
+    if cfg.is_router:
+        return p
+    p.extend(_validate_node(cfg))
+    return p
+
+
+def _host_like(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return bool(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", text))
+
+
+def _validate_node(cfg: FleetConfig) -> list[str]:
+    p: list[str] = []
+    if cfg.nnodes < 1:
+        p.append(f"FLEET_NNODES={cfg.nnodes}: must be at least 1")
+    if cfg.nnodes > 1 and not cfg.group:
+        p.append(f"FLEET_GROUP is required when FLEET_NNODES={cfg.nnodes} (> 1): every member of the group "
+                 f"sets the same name, e.g. FLEET_GROUP=llama-405b-a")
+    if cfg.node_rank is not None and not 0 <= cfg.node_rank < max(cfg.nnodes, 1):
+        p.append(f"FLEET_NODE_RANK={cfg.node_rank}: must be between 0 and FLEET_NNODES-1 "
+                 f"({max(cfg.nnodes, 1) - 1})")
+    if not cfg.model_path:
+        p.append("FLEET_MODEL_PATH is not set: give a model path or Hugging Face id (or a FLEET_PRESET)")
+    if cfg.engine == "sglang" and not cfg.engine_python:
+        p.append("FLEET_ENGINE_PYTHON='': must name the Python interpreter that has SGLang (e.g. python3)")
+    sizes_ok = True
+    for key in ("tp_size", "ep_size", "dp_size", "pp_size", "ep_redundant_experts"):
+        val = getattr(cfg, key)
+        least = 0 if key == "ep_redundant_experts" else 1
+        if val is not None and val < least:
+            p.append(f"FLEET_{key.upper()}={val}: must be at least {least}")
+            sizes_ok = False
+    if sizes_ok and cfg.nnodes >= 1:
+        if cfg.world_size % cfg.nnodes:
+            parts = "tp_size x pp_size" + ("" if cfg.attn_dp else " x dp_size")
+            p.append(f"FLEET_TP_SIZE={cfg.tp_size}: {parts} ({cfg.world_size} GPUs) must be divisible by "
+                     f"FLEET_NNODES={cfg.nnodes} (each node runs the same number of GPUs)")
+        if cfg.ep_size and cfg.tp_size % cfg.ep_size:
+            p.append(f"FLEET_EP_SIZE={cfg.ep_size}: must divide FLEET_TP_SIZE={cfg.tp_size} "
+                     f"(SGLang requires tp_size % ep_size == 0)")
+        if cfg.attn_dp and cfg.dp_size and cfg.tp_size % cfg.dp_size:
+            p.append(f"FLEET_DP_SIZE={cfg.dp_size}: must divide FLEET_TP_SIZE={cfg.tp_size} with FLEET_ATTN_DP=1 "
+                     f"(SGLang requires tp_size % attn_dp_size == 0)")
+    if cfg.attn_dp and not (cfg.dp_size and cfg.dp_size > 1):
+        p.append(f"FLEET_ATTN_DP={int(cfg.attn_dp)}: data-parallel attention needs FLEET_DP_SIZE > 1 "
+                 f"(got {cfg.dp_size})")
+    if cfg.dp_lm_head and not cfg.attn_dp:
+        p.append("FLEET_DP_LM_HEAD=1: needs FLEET_ATTN_DP=1 (SGLang enables the DP LM head only with "
+                 "data-parallel attention)")
+    if cfg.moe_a2a_backend and cfg.moe_a2a_backend != "none" and not (cfg.ep_size and cfg.ep_size > 1):
+        p.append(f"FLEET_MOE_A2A_BACKEND={cfg.moe_a2a_backend!r}: needs FLEET_EP_SIZE > 1 (expert parallelism; "
+                 f"got {cfg.ep_size})")
+    if cfg.ep_redundant_experts and not (cfg.ep_size and cfg.ep_size > 1):
+        p.append(f"FLEET_EP_REDUNDANT_EXPERTS={cfg.ep_redundant_experts}: needs FLEET_EP_SIZE > 1 "
+                 f"(got {cfg.ep_size})")
+    if cfg.role == "prefill" and cfg.bootstrap_port == cfg.http_port:
+        p.append(f"FLEET_BOOTSTRAP_PORT={cfg.bootstrap_port}: must differ from FLEET_HTTP_PORT on a prefill "
+                 f"node (both are served by rank 0)")
+    if cfg.dist_port == cfg.http_port:
+        p.append(f"FLEET_DIST_PORT={cfg.dist_port}: must differ from FLEET_HTTP_PORT (rank 0 binds both)")
+    flags = [flag for flag, _ in cfg.sglang_args]
+    prefill_only = sorted(set(flags) & PREFILL_ONLY_ENGINE_FLAGS - {"disaggregation-bootstrap-port"})
+    if cfg.role == "decode" and prefill_only:
+        p.append(f"FLEET_SGLANG_ARGS: {', '.join('--' + f for f in prefill_only)} are prefill options; "
+                 f"this node has FLEET_ROLE=decode (allowed there: decode and general options)")
+    for flag in flags:
+        if flag in RESERVED_ENGINE_FLAGS:
+            p.append(f"FLEET_SGLANG_ARGS: --{flag} is set by sglang-fleet; use {RESERVED_ENGINE_FLAGS[flag]} "
+                     f"instead")
+    return p

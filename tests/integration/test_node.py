@@ -1,0 +1,273 @@
+"""Node supervisors as real processes against a real Consul, FLEET_ENGINE=sim, each on its own 127.0.0.x.
+
+Assertions are on the loop's sentences (the JSON log) and on Consul's state, never on timings.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sglang_fleet import rendezvous as rdv
+
+pytestmark = pytest.mark.integration
+
+FLEET_BIN = Path(sys.executable).parent / "sglang-fleet"
+READY = re.compile(r"^rank (\d+) of (\d+), engine ready in generation (\d+)$")
+BARRIER = re.compile(r"^barrier passed: rank (\d+) of (\d+) in generation (\d+), dist-init (\S+)$")
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def group_view(api, cluster: str, group: str) -> rdv.GroupView:
+    keys = rdv.Keys(cluster, group)
+    _, entries = api.kv_get_tree(keys.prefix)
+    return rdv.parse_view(keys, 0, entries)
+
+
+def serving(api, cluster: str, group: str, passing: bool = True) -> list[dict]:
+    _, entries = api.health_service("sglang", tag=f"cluster:{cluster}", passing=passing)
+    return [e["Service"] for e in entries if (e["Service"].get("Meta") or {}).get("group") == group]
+
+
+def serving_generation(api, cluster, group) -> int | None:
+    svcs = serving(api, cluster, group)
+    return int(svcs[0]["Meta"]["generation"]) if svcs else None
+
+
+def ready(sup, generation: int | None = None, since: int = 0, timeout: float = 60) -> tuple[int, int]:
+    """Waits for 'rank r of N, engine ready in generation G'; returns (rank, generation)."""
+    pattern = READY if generation is None else re.compile(rf"^rank (\d+) of (\d+), engine ready in generation "
+                                                          rf"({generation})$")
+    rec = sup.wait_for(pattern, timeout=timeout, since=since)
+    m = pattern.search(rec["event"])
+    return int(m.group(1)), int(m.group(3))
+
+
+def engine_argv(sup) -> list[list[str]]:
+    out = []
+    for pid in sup.engine_pids():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode().split("\0")
+        except OSError:
+            continue
+        if "sim-engine" in argv:
+            out.append(argv)
+    return out
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_two_and_four_node_groups_form_then_status_and_graceful_leave(supervisors, consul_api, cluster_name):
+    two = supervisors.group("pair", 2)
+    four = supervisors.group("quad", 4)
+    for members, n in ((two, 2), (four, 4)):
+        ranks = sorted(ready(s)[0] for s in members)
+        assert ranks == list(range(n))
+        dist = {BARRIER.search(s.events(BARRIER)[0]["event"]).group(4) for s in members}
+        assert len(dist) == 1
+        # Every engine really got the same dist-init address and its own rank.
+        argvs = [engine_argv(s)[0] for s in members]
+        assert {flag(a, "--dist-init-addr") for a in argvs} == dist
+        assert sorted(int(flag(a, "--node-rank")) for a in argvs) == list(range(n))
+        assert {flag(a, "--nnodes") for a in argvs} == {str(n)}
+
+    view = group_view(consul_api, cluster_name, "quad")
+    assert sorted(view.members) == [0, 1, 2, 3]
+    assert len({m.session for m in view.members.values()}) == 4
+    svc = wait_until(lambda: serving(consul_api, cluster_name, "pair"), 30, "serving registration of pair")[0]
+    leader = next(s for s in two if s.events("registered serving service"))
+    assert svc["ID"] == f"sglang-{cluster_name}-pair"
+    assert svc["Address"] == leader.addr and svc["Port"] == int(leader.env["FLEET_HTTP_PORT"])
+    assert set(svc["Tags"]) == {"regular", f"cluster:{cluster_name}"}
+    assert svc["Meta"]["nnodes"] == "2" and svc["Meta"]["generation"] == str(view.generation or 0)
+    assert "bootstrap_port" not in svc["Meta"]
+    assert len([s for s in four if s.events("registered serving service")]) == 1
+
+    # `sglang-fleet status --json` shows both groups with ranks and the serving registration.
+    out = subprocess.run([str(FLEET_BIN), "status", "--json"], env=two[0].env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    status = {g["group"]: g for g in json.loads(out.stdout)["groups"]}
+    assert sorted(m["rank"] for m in status["pair"]["members"]) == [0, 1]
+    assert {m["heartbeat"] for m in status["pair"]["members"]} == {"passing"}
+    assert status["pair"]["serving"]["health"] == "passing"
+    assert status["quad"]["nnodes"] == 4
+    text = subprocess.run([str(FLEET_BIN), "status"], env=two[0].env, capture_output=True, text=True, timeout=60)
+    assert "group pair" in text.stdout and "serving sglang-" in text.stdout
+
+    # SIGTERM: graceful leave, exit 0, everything of this node withdrawn; the peer goes back to waiting.
+    leaver = next(s for s in two if not s.events("registered serving service"))
+    stayer = next(s for s in two if s is not leaver)
+    mark = stayer.mark()
+    leaver.terminate()
+    assert leaver.wait_exit(30) == 0
+    assert leaver.events("shutdown requested")
+    assert "heartbeat deregistered" in leaver.events("shutdown requested")[-1]["event"]
+    assert not engine_argv(leaver)
+    stayer.wait_for(re.compile(r"left; ending generation|ended by"), since=mark)
+    stayer.wait_for("waiting for peers 1/2", since=mark)
+    wait_until(lambda: not serving(consul_api, cluster_name, "pair", passing=False), 30,
+               "serving registration of pair withdrawn")
+    _, members = consul_api.health_service("sglang-fleet-member", tag=f"cluster:{cluster_name}", passing=False)
+    assert leaver.name not in {(e["Service"]["Meta"] or {}).get("node") for e in members}
+
+
+def test_fixed_ranks_and_rank0_preference(supervisors, consul_api, cluster_name):
+    fixed = [supervisors.start("fx-a", FLEET_GROUP="fixed", FLEET_NNODES=3, FLEET_TP_SIZE=3, FLEET_NODE_RANK=2),
+             supervisors.start("fx-b", FLEET_GROUP="fixed", FLEET_NNODES=3, FLEET_TP_SIZE=3, FLEET_NODE_RANK=0),
+             supervisors.start("fx-c", FLEET_GROUP="fixed", FLEET_NNODES=3, FLEET_TP_SIZE=3, FLEET_NODE_RANK=1)]
+    # Several preferring nodes would race for 0; one is the realistic case. Its name hashes to rank 1.
+    names = [f"pref-{i}" for i in range(20)]
+    other = next(n for n in names if rdv.rank_order(2, n)[0] == 0)
+    pref_name = next(n for n in names if rdv.rank_order(2, n)[0] == 1)
+    pref = supervisors.start(pref_name, FLEET_GROUP="pref", FLEET_NNODES=2, FLEET_TP_SIZE=2, FLEET_RANK0=1)
+    pref.wait_for("claimed rank 0")
+    plain = supervisors.start(other, FLEET_GROUP="pref", FLEET_NNODES=2, FLEET_TP_SIZE=2)
+    assert [ready(s)[0] for s in fixed] == [2, 0, 1]
+    assert ready(pref)[0] == 0 and ready(plain)[0] == 1
+    view = group_view(consul_api, cluster_name, "fixed")
+    assert {r: m.node for r, m in view.members.items()} == {0: "fx-b", 1: "fx-c", 2: "fx-a"}
+
+
+@pytest.mark.parametrize("victim", ["rank1", "rank0", "engine"])
+def test_kill9_ends_generation_and_replacement_serves_next(victim, supervisors, consul_api, cluster_name):
+    members = supervisors.group("kg", 2)
+    ranks = {ready(s)[0]: s for s in members}
+    wait_until(lambda: serving_generation(consul_api, cluster_name, "kg") is not None, 30, "serving registration")
+    g = serving_generation(consul_api, cluster_name, "kg")
+    target = ranks[0] if victim == "rank0" else ranks[1]
+    survivor = ranks[1] if target is ranks[0] else ranks[0]
+    marks = {s.name: s.mark() for s in members}
+    if victim == "engine":
+        engine_pid = max(p for p in target.engine_pids() if "sim-engine" in open(f"/proc/{p}/cmdline").read())
+        os.kill(engine_pid, signal.SIGKILL)
+    else:
+        target.kill9()
+
+    # The generation ends, every engine of it is stopped, the serving registration disappears.
+    survivor.wait_for(re.compile(rf"ending generation {g}|generation {g} ended by"), since=marks[survivor.name])
+    survivor.wait_for("engine stopped", since=marks[survivor.name])
+    wait_until(lambda: serving_generation(consul_api, cluster_name, "kg") != g, 30,
+               f"serving registration of generation {g} to disappear")
+    if victim == "engine":
+        target.wait_for("engine stopped", since=marks[target.name])
+        # Nothing to replace: the same two nodes serve again.
+        replacement = target
+    else:
+        survivor.wait_for(f"waiting for peers 1/2 in generation {g + 1}", since=marks[survivor.name])
+        assert not survivor.events("FATAL")
+        assert "no failure counted" in survivor.events("restarting the group", since=marks[survivor.name])[0]["event"]
+        replacement = supervisors.start("kg-new", FLEET_GROUP="kg", FLEET_NNODES=2, FLEET_TP_SIZE=2)
+    assert ready(survivor, g + 1, since=marks[survivor.name])[1] == g + 1
+    assert ready(replacement, g + 1, since=marks.get(replacement.name, 0))[1] == g + 1
+    wait_until(lambda: serving_generation(consul_api, cluster_name, "kg") == g + 1, 30,
+               f"serving registration of generation {g + 1}")
+    view = group_view(consul_api, cluster_name, "kg")
+    assert view.generation == g + 1 and sorted(view.members) == [0, 1]
+    assert view.ended[g]["by"] in {s.name for s in members}
+
+
+def test_config_mismatch_starts_nothing_and_names_the_field(supervisors, consul_api, cluster_name):
+    tp = [supervisors.start("tp-a", FLEET_GROUP="mtp", FLEET_NNODES=2, FLEET_TP_SIZE=2),
+          supervisors.start("tp-b", FLEET_GROUP="mtp", FLEET_NNODES=2, FLEET_TP_SIZE=4)]
+    model = [supervisors.start("mo-a", FLEET_GROUP="mmodel", FLEET_NNODES=2, FLEET_TP_SIZE=2),
+             supervisors.start("mo-b", FLEET_GROUP="mmodel", FLEET_NNODES=2, FLEET_TP_SIZE=2,
+                               FLEET_MODEL_PATH="sim/other-model")]
+    rec = tp[0].wait_for("config mismatch")
+    assert "tp-b (rank" in rec["event"] and "differs in tp_size: 4 there, 2 here" in rec["event"]
+    assert "starting nothing" in rec["event"]
+    tp[1].wait_for(re.compile(r"tp-a \(rank \d\) differs in tp_size: 2 there, 4 here"))
+    model[1].wait_for(re.compile(r"mo-a \(rank \d\) differs in model_path: 'sim/tiny-model' there"))
+    model[0].wait_for("differs in model_path")
+    for s in tp + model:
+        assert not s.events("engine started") and not engine_argv(s)
+    assert not serving(consul_api, cluster_name, "mtp", passing=False)
+    assert not serving(consul_api, cluster_name, "mmodel", passing=False)
+
+
+def test_duplicate_fixed_rank_waits_and_says_why(supervisors, consul_api, cluster_name):
+    a = supervisors.start("dup-a", FLEET_GROUP="dup", FLEET_NNODES=2, FLEET_TP_SIZE=2, FLEET_NODE_RANK=1)
+    a.wait_for("claimed rank 1")
+    b = supervisors.start("dup-b", FLEET_GROUP="dup", FLEET_NNODES=2, FLEET_TP_SIZE=2, FLEET_NODE_RANK=1)
+    rec = b.wait_for("rank 1 (FLEET_NODE_RANK) is held by dup-a")
+    assert "waiting for the next generation" in rec["event"]
+    zero = supervisors.start("dup-z", FLEET_GROUP="dup", FLEET_NNODES=2, FLEET_TP_SIZE=2, FLEET_NODE_RANK=0)
+    assert ready(a)[0] == 1 and ready(zero)[0] == 0
+    assert not b.events("claimed rank") and not b.events("engine started")
+    view = group_view(consul_api, cluster_name, "dup")
+    assert {r: m.node for r, m in view.members.items()} == {0: "dup-z", 1: "dup-a"}
+
+    # When the holder dies, the waiting node takes rank 1 in the next generation.
+    g = view.generation
+    a.kill9()
+    assert ready(b, g + 1)[0] == 1
+
+
+def test_engine_crashing_at_start_is_retried_then_fatal(supervisors, consul_api, cluster_name):
+    healthy = supervisors.start("cr-ok", FLEET_GROUP="crash", FLEET_NNODES=2, FLEET_TP_SIZE=2,
+                                FLEET_MAX_FAILURES=2)
+    crashing = supervisors.start("cr-bad", FLEET_GROUP="crash", FLEET_NNODES=2, FLEET_TP_SIZE=2,
+                                 FLEET_MAX_FAILURES=2, FLEET_START_ATTEMPTS=2, SGLANG_FLEET_SIM_CRASH_AT_START=1)
+    assert crashing.wait_exit(120) == 1
+    assert len(crashing.events("engine start attempt 1/2 failed")) == 2  # retried within each generation
+    assert crashing.events("restarting the group in")[0]["event"].endswith("(failure 1/2)")
+    fatal = crashing.events("FATAL")
+    assert len(fatal) == 1 and "FLEET_MAX_FAILURES=2" in fatal[0]["event"] and "exited with code 1" in fatal[0]["event"]
+    _, members = consul_api.health_service("sglang-fleet-member", tag=f"cluster:{cluster_name}", passing=False)
+    assert "cr-bad" not in {(e["Service"]["Meta"] or {}).get("node") for e in members}
+    assert not serving(consul_api, cluster_name, "crash", passing=False)
+    # The peer lost nothing of its own budget and waits for a replacement.
+    assert healthy.alive() and not healthy.events("FATAL")
+    assert all("no failure counted" in r["event"] for r in healthy.events("restarting the group"))
+    healthy.wait_for(re.compile(r"waiting for peers 1/2 in generation [1-9]"))
+
+
+def test_consul_restarted_underneath(fresh_consul_agent, make_supervisors, cluster_name):
+    sups = make_supervisors(fresh_consul_agent)
+    members = sups.group("cr", 2)
+    for s in members:
+        ready(s)
+    api = fresh_consul_agent.api()
+    wait_until(lambda: serving(api, cluster_name, "cr"), 30, "serving registration")
+    marks = {s.name: s.mark() for s in members}
+    fresh_consul_agent.restart(down_for=3.0)
+    for s in members:
+        rec = s.wait_for("Consul unavailable", since=marks[s.name])
+        assert "the engine keeps running" in rec["event"]
+        s.wait_for("Consul answers again", since=marks[s.name])
+        # A -dev agent comes back empty: the loop says so, leaves the old generation and forms a new one.
+        s.wait_for(re.compile(r"^Consul lost its state \(.*\); leaving generation 0$"), since=marks[s.name])
+    for s in members:
+        ready(s, since=marks[s.name])
+        assert s.alive() and not s.events("FATAL") and not s.events("Traceback")
+    wait_until(lambda: serving(api, cluster_name, "cr"), 30, "serving registration after the restart")
+    api.close()
+
+
+def test_sixteen_supervisors_in_eight_groups_form(supervisors, consul_api, cluster_name):
+    groups = {f"s{i}": supervisors.group(f"s{i}", 2) for i in range(8)}
+    for name, members in groups.items():
+        ranks = sorted(ready(s, timeout=120)[0] for s in members)
+        assert ranks == [0, 1], name
+        assert len({BARRIER.search(s.events(BARRIER)[0]["event"]).group(4) for s in members}) == 1
+    wait_until(lambda: all(serving(consul_api, cluster_name, g) for g in groups), 60,
+               "all 8 serving registrations")

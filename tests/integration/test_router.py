@@ -1,0 +1,286 @@
+"""The router end to end: real Consul, real smg, node supervisors running sim engines, all on loopback.
+
+- PD: a 2-node prefill group and a 1-node decode group behind the router; /generate and OpenAI chat
+  (streamed and not) through it; the decode fetched the prefill's bootstrap room. kill -9 of the
+  prefill's rank 1: the router withdraws the prefill, requests meanwhile fail cleanly (no hang), and once
+  the group re-forms requests go through again with nobody touching the router.
+- regular: two 1-node groups; requests are spread over both; a worker added by hand survives every
+  reconcile; smg killed -> the agent starts it again and rebuilds the list.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import FLEET_BIN, free_port, wait_until
+
+pytestmark = pytest.mark.integration
+
+CLIENT_TIMEOUT = 20.0  # every request through the router has a deadline: an outage must not hang a client
+
+
+def http(method: str, url: str, body=None, timeout: float = CLIENT_TIMEOUT) -> tuple[int, object]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            raw = resp.read()
+            status = resp.status
+    except urllib.error.HTTPError as e:
+        raw, status = e.read(), e.code
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def answers(url: str) -> bool:
+    try:
+        return http("GET", url, timeout=2)[0] == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class Router:
+    """`sglang-fleet router` as a process, with its smg on 127.0.0.1."""
+
+    def __init__(self, consul_addr: str, cluster: str, workdir: Path, **env):
+        self.port, self.prom_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"router-{self.port}.log"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "CONSUL_"))}
+        self.env.update({"FLEET_ROLE": "router", "CONSUL_HTTP_ADDR": consul_addr, "FLEET_CLUSTER": cluster,
+                         "FLEET_NODE_NAME": f"router-{self.port}", "FLEET_ROUTER_HOST": "127.0.0.1",
+                         "FLEET_ROUTER_PORT": str(self.port), "FLEET_ROUTER_PROMETHEUS_PORT": str(self.prom_port),
+                         "FLEET_LOG_FORMAT": "json", "FLEET_BACKOFF_BASE": "0.2", "FLEET_BACKOFF_MAX": "2",
+                         "NO_PROXY": "*", "no_proxy": "*"})
+        self.env.update({k: str(v) for k, v in env.items()})
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([str(FLEET_BIN), "router"], env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def records(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def events(self, contains: str) -> list[dict]:
+        return [r for r in self.records() if contains in str(r.get("event", ""))]
+
+    def tail(self, n: int = 25) -> str:
+        lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if "smg_output" not in ln]
+        return "\n".join(lines[-n:])
+
+    def workers(self) -> list[dict]:
+        status, body = http("GET", self.url + "/workers", timeout=5)
+        assert status == 200, body
+        return body["workers"]
+
+    def ready_urls(self, worker_type: str | None = None) -> set[str]:
+        return {w["url"] for w in self.workers()
+                if w.get("status") == "ready" and (worker_type is None or w["worker_type"] == worker_type)}
+
+    def wait_workers(self, predicate, what: str, timeout: float = 60.0):
+        try:
+            return wait_until(lambda: predicate(self.workers()), timeout, what, interval=0.2)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- router log tail ---\n{self.tail()}") from None
+
+    def smg_pid(self) -> int:
+        return self.events("smg is answering")[-1]["pid"]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=40)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        for pid in (self.proc.pid,):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for rec in self.events("smg is answering"):
+            try:
+                os.killpg(rec["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def start_router(consul_agent, cluster_name, tmp_path):
+    routers: list[Router] = []
+
+    def start(consul=None, **env) -> Router:
+        routers.append(Router((consul or consul_agent).addr, cluster_name, tmp_path, **env))
+        return routers[-1]
+
+    yield start
+    for r in routers:
+        r.kill()
+
+
+def generate(router: Router, text: str, timeout: float = CLIENT_TIMEOUT):
+    return http("POST", router.url + "/generate", {"text": text, "sampling_params": {"max_new_tokens": 8}},
+                timeout=timeout)
+
+
+def engine_requests(sup) -> int:
+    status, info = http("GET", sup.http_url + "/server_info", timeout=5)
+    return info["requests"] if status == 200 else -1
+
+
+def router_service(consul_api, cluster: str) -> list[dict]:
+    _, entries = consul_api.health_service("sglang-router", tag=f"cluster:{cluster}", passing=True)
+    return entries
+
+
+# ---- PD ------------------------------------------------------------------------------------------------
+def test_pd_groups_through_the_router_and_prefill_rank1_kill9(supervisors, start_router, consul_api, cluster_name):
+    import openai
+
+    prefill = [supervisors.start(f"pf-n{r}", FLEET_ROLE="prefill", FLEET_GROUP="pf", FLEET_NNODES=2,
+                                 FLEET_TP_SIZE=2, FLEET_NODE_RANK=r) for r in (0, 1)]
+    decode = supervisors.start("dc-n0", FLEET_ROLE="decode", FLEET_GROUP="dc")
+    router = start_router(FLEET_ROUTER_POLICY="round_robin")
+
+    router.wait_workers(lambda ws: {(w["worker_type"], w["status"]) for w in ws} >= {("prefill", "ready"),
+                                                                                      ("decode", "ready")},
+                        "the router to list the prefill and the decode group", timeout=90)
+    [pw] = [w for w in router.workers() if w["worker_type"] == "prefill"]
+    assert pw["url"] == prefill[0].http_url
+    assert pw["bootstrap_port"] == int(prefill[0].env["FLEET_BOOTSTRAP_PORT"])
+    assert pw["labels"]["managed-by"] == "sglang-fleet" and pw["labels"]["sglang-fleet/group"] == "pf"
+    wait_until(lambda: router_service(consul_api, cluster_name), 30, "the router's own registration to pass")
+
+    # /generate through the router: the decode fetched the prefill's KV over its bootstrap port.
+    status, body = generate(router, "hello through the router")
+    assert status == 200, body
+    meta = body["meta_info"]
+    assert meta["kv_from"].endswith(f":{prefill[0].env['FLEET_BOOTSTRAP_PORT']}")
+    assert meta["bootstrap_room"] is not None
+    status, info = http("GET", decode.http_url + "/server_info")
+    assert info["kv_transfers"] >= 1
+
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="none", timeout=CLIENT_TIMEOUT, max_retries=0)
+    chat = client.chat.completions.create(model="sim/tiny-model", max_tokens=8,
+                                          messages=[{"role": "user", "content": "hi from openai"}])
+    assert "sim engine" in chat.choices[0].message.content
+    stream = client.chat.completions.create(model="sim/tiny-model", max_tokens=8, stream=True,
+                                            messages=[{"role": "user", "content": "stream me please"}])
+    text = "".join((c.choices[0].delta.content or "") for c in stream if c.choices)
+    assert "stream" in text
+
+    # kill -9 of the prefill's rank 1 (supervisor and engine, as if the host died).
+    prefill[1].kill9()
+    router.wait_workers(lambda ws: not any(w["worker_type"] == "prefill" and w["status"] == "ready" for w in ws),
+                        "the router to withdraw the prefill group", timeout=60)
+    # No prefill: a clean error from the router, within the client's deadline (no hang).
+    started = time.monotonic()
+    status, body = generate(router, "nobody to prefill this")
+    assert status >= 400, body
+    assert time.monotonic() - started < CLIENT_TIMEOUT
+
+    # A replacement for rank 1 joins; the group re-forms; the router routes to it again by itself.
+    prefill[1] = supervisors.start("pf-n1b", FLEET_ROLE="prefill", FLEET_GROUP="pf", FLEET_NNODES=2,
+                                   FLEET_TP_SIZE=2, FLEET_NODE_RANK=1)
+    router.wait_workers(lambda ws: any(w["worker_type"] == "prefill" and w["status"] == "ready" for w in ws),
+                        "the re-formed prefill group to be routed again", timeout=90)
+    [pw2] = [w for w in router.workers() if w["worker_type"] == "prefill"]
+    assert int(pw2["labels"]["sglang-fleet/generation"]) > int(pw["labels"]["sglang-fleet/generation"])
+    status, body = wait_until(lambda: (lambda r: r if r[0] == 200 else None)(generate(router, "back again")),
+                              30, "a request to succeed after the re-formation")
+    assert body["meta_info"]["kv_from"]
+
+    # SIGTERM: the router leaves Consul and stops smg.
+    assert router.stop() == 0
+    assert not router_service(consul_api, cluster_name)
+    wait_until(lambda: not answers(router.url + "/liveness"), 10, "smg to be gone")
+
+
+# ---- regular -------------------------------------------------------------------------------------------
+def test_regular_groups_spread_hand_added_survives_smg_restart(supervisors, start_router, tmp_path):
+    groups = [supervisors.start(f"rg{i}", FLEET_ROLE="regular", FLEET_GROUP=f"rg{i}") for i in range(3)]
+    router = start_router(FLEET_ROUTER_POLICY="round_robin", FLEET_ROUTER_RESYNC_INTERVAL="1")
+    urls = {g.http_url for g in groups}
+    router.wait_workers(lambda ws: {w["url"] for w in ws if w["status"] == "ready"} >= urls,
+                        "the router to list the three regular groups", timeout=90)
+    assert router.events("starting smg")[-1]["mode"] == "regular"  # auto: only regular groups pass
+
+    # A worker added by hand (no labels): group rg2's engine, taken out of Consul's hands first.
+    hand = groups[2]
+    hand.kill9(with_engine=False)  # its engine keeps serving; its registration dies with the heartbeat
+    router.wait_workers(lambda ws: hand.http_url not in {w["url"] for w in ws},
+                        "the router to withdraw the group whose supervisor died", timeout=60)
+    status, body = http("POST", router.url + "/workers", {"url": hand.http_url, "worker_type": "regular"})
+    assert status in (200, 202), body
+    router.wait_workers(lambda ws: hand.http_url in {w["url"] for w in ws if w["status"] == "ready"},
+                        "the hand-added worker to be ready")
+
+    before = {g.name: engine_requests(g) for g in groups}
+    for i in range(9):
+        status, body = generate(router, f"spread request {i}")
+        assert status == 200, body
+    served = {g.name: engine_requests(g) - before[g.name] for g in groups}
+    assert all(n > 0 for n in served.values()), served
+
+    # Several reconciles later (resync every 1 s, plus a Consul change) the hand-added worker is still there.
+    groups[1].terminate()
+    router.wait_workers(lambda ws: groups[1].http_url not in {w["url"] for w in ws},
+                        "the router to withdraw the stopped group", timeout=60)
+    time.sleep(2.5)
+    assert hand.http_url in router.ready_urls()
+
+    # smg killed: the agent starts it again and adds every passing group again (not the hand-added one:
+    # smg forgot it, and it is not ours to add).
+    old_pid = router.smg_pid()
+    os.killpg(old_pid, signal.SIGKILL)
+    wait_until(lambda: router.smg_pid() != old_pid, 60, "the agent to start smg again")
+    router.wait_workers(lambda ws: {w["url"] for w in ws if w["status"] == "ready"} == {groups[0].http_url},
+                        "the rebuilt worker list", timeout=60)
+    status, body = generate(router, "after the smg restart")
+    assert status == 200, body
+    assert router.events("smg exited; starting it again")
+
+
+# ---- Consul outage ---------------------------------------------------------------------------------------
+def test_consul_outage_keeps_workers_and_router_registers_again(fresh_consul_agent, make_supervisors,
+                                                               start_router, cluster_name):
+    sups = make_supervisors(fresh_consul_agent)
+    group = sups.start("solo", FLEET_ROLE="regular", FLEET_GROUP="solo")
+    router = start_router(consul=fresh_consul_agent, FLEET_ROUTER_RESYNC_INTERVAL="1")
+    router.wait_workers(lambda ws: group.http_url in {w["url"] for w in ws if w["status"] == "ready"},
+                        "the router to list the group", timeout=90)
+
+    fresh_consul_agent.stop()
+    time.sleep(4)  # several resyncs and failed watches
+    assert group.http_url in router.ready_urls()
+    status, body = generate(router, "while consul is down")
+    assert status == 200, body
+    assert router.proc.poll() is None
+
+    # A -dev agent comes back empty: the router registers itself again, the node its group.
+    fresh_consul_agent.start()
+    api = fresh_consul_agent.api()
+    try:
+        wait_until(lambda: router_service(api, cluster_name), 60, "the router to register itself again")
+    finally:
+        api.close()
+    router.wait_workers(lambda ws: group.http_url in {w["url"] for w in ws if w["status"] == "ready"},
+                        "the group to be routed after the outage", timeout=60)

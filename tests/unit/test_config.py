@@ -1,0 +1,218 @@
+"""Configuration: precedence (preset < FLEET_CONFIG file < env), merging of engine args, and one
+clear message per invalid configuration (exit 78 through the real CLI)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sglang_fleet.config import EX_CONFIG, SETTINGS, ConfigError, load_config, preset_names
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = {"FLEET_MODEL_PATH": "org/model", "FLEET_NODE_NAME": "node-a"}
+
+
+def load(**env):
+    return load_config({**BASE, **env})
+
+
+def problems_of(env: dict) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config({**BASE, **env})
+    return info.value.problems
+
+
+# ---------------------------------------------------------------- precedence
+
+def test_defaults():
+    cfg = load()
+    assert (cfg.role, cfg.cluster, cfg.nnodes, cfg.engine, cfg.net_profile) == ("regular", "default", 1, "sglang", "auto")
+    assert (cfg.http_port, cfg.dist_port, cfg.bootstrap_port) == (30000, 20000, 8998)
+    assert cfg.group == "node-a"  # a one-node group is named after its node
+    assert cfg.consul.http_addr == "127.0.0.1:8500"
+
+
+def test_preset_then_file_then_env(tmp_path):
+    file = tmp_path / "fleet.yaml"
+    file.write_text("tp_size: 32\nnnodes: 4\ncluster: from-file\n")
+    env = {"FLEET_PRESET": "llama-405b-tp16-2node", "FLEET_GROUP": "g"}
+    preset_only = load_config(env)
+    assert (preset_only.tp_size, preset_only.nnodes, preset_only.model_path) == (
+        16, 2, "meta-llama/Meta-Llama-3.1-405B-Instruct")
+    with_file = load_config({**env, "FLEET_CONFIG": str(file)})
+    assert (with_file.tp_size, with_file.nnodes, with_file.cluster) == (32, 4, "from-file")
+    with_env = load_config({**env, "FLEET_CONFIG": str(file), "FLEET_TP_SIZE": "8", "FLEET_NNODES": "2"})
+    assert (with_env.tp_size, with_env.nnodes, with_env.cluster) == (8, 2, "from-file")
+    assert with_env.model_path == "meta-llama/Meta-Llama-3.1-405B-Instruct"  # still from the preset
+
+
+def test_config_file_may_name_the_preset(tmp_path):
+    file = tmp_path / "fleet.yaml"
+    file.write_text("preset: deepseek-r1-decode\ngroup: r1-decode-a\n")
+    cfg = load_config({"FLEET_CONFIG": str(file)})
+    assert (cfg.preset, cfg.role, cfg.group, cfg.http_port) == ("deepseek-r1-decode", "decode", "r1-decode-a", 30001)
+
+
+def test_empty_env_value_means_unset():
+    assert load(FLEET_TP_SIZE="").tp_size == 1
+
+
+def test_engine_args_merge_flag_by_flag(tmp_path):
+    file = tmp_path / "fleet.yaml"
+    file.write_text("sglang_args:\n  disable-radix-cache: false\n  mem-fraction-static: 0.85\n")
+    cfg = load_config({"FLEET_PRESET": "deepseek-r1-prefill", "FLEET_GROUP": "g", "FLEET_CONFIG": str(file),
+                       "FLEET_SGLANG_ARGS": "--max-prefill-tokens 16384 --log-level debug"})
+    assert cfg.sglang_args == (
+        ("chunked-prefill-size", "524288"),
+        ("max-prefill-tokens", "16384"),  # replaced in place by the env layer
+        ("disaggregation-ib-device", "mlx5_bond_0,mlx5_bond_1,mlx5_bond_2,mlx5_bond_3"),
+        ("mem-fraction-static", "0.85"),
+        ("log-level", "debug"),
+    )  # disable-radix-cache dropped by the file's `false`
+
+
+def test_engine_args_shell_syntax():
+    cfg = load(FLEET_SGLANG_ARGS="--json-model-override-args '{\"a\": 1}' --enable-metrics --x=1 --lora-paths a b")
+    assert cfg.sglang_args == (("json-model-override-args", '{"a": 1}'), ("enable-metrics", True),
+                               ("x", "1"), ("lora-paths", ("a", "b")))
+
+
+def test_consul_settings():
+    cfg = load(CONSUL_HTTP_ADDR="https://consul.internal:8501", CONSUL_HTTP_TOKEN="t", CONSUL_HTTP_SSL="1")
+    assert cfg.consul.host_port == ("consul.internal", 8501)
+    assert (cfg.consul.scheme, cfg.consul.token, cfg.consul.ssl) == ("https", "t", True)
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_loads(name):
+    cfg = load_config({"FLEET_PRESET": name, "FLEET_GROUP": "g"})
+    assert cfg.model_path and cfg.gpus_per_node in (1, 8)
+
+
+def test_attention_dp_counts_no_extra_gpus():
+    cfg = load_config({"FLEET_PRESET": "deepseek-v3-tp16-ep16-2node", "FLEET_GROUP": "g"})
+    assert (cfg.world_size, cfg.gpus_per_node) == (16, 8)
+    replicas = load(FLEET_TP_SIZE="4", FLEET_DP_SIZE="2")
+    assert replicas.world_size == 8
+
+
+# ---------------------------------------------------------------- invalid configurations
+# (environment, text the one message must contain: the variable, the value, what is allowed)
+INVALID = [
+    ({"FLEET_ROLE": "worker"}, ["FLEET_ROLE", "'worker'", "one of prefill, decode, regular, router"]),
+    ({"FLEET_NNODES": "two"}, ["FLEET_NNODES", "'two'", "whole number"]),
+    ({"FLEET_NNODES": "0"}, ["FLEET_NNODES=0", "at least 1"]),
+    ({"FLEET_NNODES": "2", "FLEET_TP_SIZE": "2"}, ["FLEET_GROUP", "FLEET_NNODES=2", "required"]),
+    ({"FLEET_NNODES": "2", "FLEET_TP_SIZE": "2", "FLEET_GROUP": "g", "FLEET_NODE_RANK": "2"},
+     ["FLEET_NODE_RANK=2", "between 0 and FLEET_NNODES-1 (1)"]),
+    ({"FLEET_NODE_RANK": "-1"}, ["FLEET_NODE_RANK=-1", "between 0"]),
+    ({"FLEET_NNODES": "2", "FLEET_GROUP": "g", "FLEET_TP_SIZE": "3"},
+     ["FLEET_TP_SIZE=3", "divisible by FLEET_NNODES=2"]),
+    ({"FLEET_TP_SIZE": "-4"}, ["FLEET_TP_SIZE=-4", "at least 1"]),
+    ({"FLEET_TP_SIZE": "8", "FLEET_EP_SIZE": "3"}, ["FLEET_EP_SIZE=3", "divide FLEET_TP_SIZE=8"]),
+    ({"FLEET_TP_SIZE": "8", "FLEET_DP_SIZE": "3", "FLEET_ATTN_DP": "1"},
+     ["FLEET_DP_SIZE=3", "divide FLEET_TP_SIZE=8", "attn_dp_size"]),
+    ({"FLEET_ATTN_DP": "1"}, ["FLEET_ATTN_DP=1", "FLEET_DP_SIZE > 1"]),
+    ({"FLEET_DP_LM_HEAD": "1"}, ["FLEET_DP_LM_HEAD=1", "needs FLEET_ATTN_DP=1"]),
+    ({"FLEET_MOE_A2A_BACKEND": "deepep"}, ["FLEET_MOE_A2A_BACKEND='deepep'", "needs FLEET_EP_SIZE > 1"]),
+    ({"FLEET_MOE_A2A_BACKEND": "nccl"}, ["FLEET_MOE_A2A_BACKEND", "'nccl'", "one of none, deepep"]),
+    ({"FLEET_EP_REDUNDANT_EXPERTS": "32"}, ["FLEET_EP_REDUNDANT_EXPERTS=32", "needs FLEET_EP_SIZE > 1"]),
+    ({"FLEET_GROUP": "bad/group"}, ["FLEET_GROUP='bad/group'", "letters, digits"]),
+    ({"FLEET_CLUSTER": "has space"}, ["FLEET_CLUSTER='has space'", "letters, digits"]),
+    ({"FLEET_HTTP_PORT": "70000"}, ["FLEET_HTTP_PORT=70000", "between 1 and 65535"]),
+    ({"FLEET_ROLE": "prefill", "FLEET_BOOTSTRAP_PORT": "30000"},
+     ["FLEET_BOOTSTRAP_PORT=30000", "differ from FLEET_HTTP_PORT"]),
+    ({"FLEET_DIST_PORT": "30000"}, ["FLEET_DIST_PORT=30000", "differ from FLEET_HTTP_PORT"]),
+    ({"FLEET_SGLANG_ARGS": "--tp 16"}, ["FLEET_SGLANG_ARGS", "--tp", "use FLEET_TP_SIZE"]),
+    ({"FLEET_SGLANG_ARGS": "--disaggregation-mode decode"},
+     ["FLEET_SGLANG_ARGS", "--disaggregation-mode", "use FLEET_ROLE"]),
+    ({"FLEET_ROLE": "decode", "FLEET_SGLANG_ARGS": "--chunked-prefill-size 8192"},
+     ["FLEET_SGLANG_ARGS", "--chunked-prefill-size", "prefill option", "FLEET_ROLE=decode"]),
+    ({"FLEET_SGLANG_ARGS": "chunked 8192"}, ["FLEET_SGLANG_ARGS", "'chunked 8192'", "expected a --flag"]),
+    ({"FLEET_SGLANG_ARGS": "--x 'open"}, ["FLEET_SGLANG_ARGS", "No closing quotation", "--flag value"]),
+    ({"FLEET_ENGINE": "vllm"}, ["FLEET_ENGINE='vllm'", "one of sglang, sim"]),
+    ({"FLEET_NET_PROFILE": "myrinet"}, ["FLEET_NET_PROFILE='myrinet'", "one of auto, ethernet, infiniband, roce"]),
+    ({"FLEET_RANK0": "maybe"}, ["FLEET_RANK0='maybe'", "1/0, true/false"]),
+    ({"FLEET_READY_TIMEOUT": "0"}, ["FLEET_READY_TIMEOUT=0", "more than zero"]),
+    ({"FLEET_STOP_GRACE": "-1"}, ["FLEET_STOP_GRACE=-1", "zero or more"]),
+    ({"FLEET_BACKOFF_MAX": "0.5"}, ["FLEET_BACKOFF_MAX=0.5", "at least FLEET_BACKOFF_BASE=1.0"]),
+    ({"FLEET_START_ATTEMPTS": "0"}, ["FLEET_START_ATTEMPTS=0", "at least 1"]),
+    ({"FLEET_ADVERTISE_ADDR": "http://10.0.0.1:80"},
+     ["FLEET_ADVERTISE_ADDR='http://10.0.0.1:80'", "IP address or host name"]),
+    ({"FLEET_PRESET": "nope"}, ["FLEET_PRESET='nope'", "no such preset", "deepseek-r1-prefill"]),
+    ({"CONSUL_HTTP_ADDR": "127.0.0.1:notaport"}, ["CONSUL_HTTP_ADDR='127.0.0.1:notaport'", "host:port"]),
+    ({"CONSUL_HTTP_SSL": "perhaps"}, ["CONSUL_HTTP_SSL='perhaps'", "1/0"]),
+    ({"FLEET_MODEL_PATH": ""}, ["FLEET_MODEL_PATH", "not set", "Hugging Face id"]),
+    ({"FLEET_LOG_FORMAT": "xml"}, ["FLEET_LOG_FORMAT='xml'", "one of auto, json, console"]),
+]
+
+
+@pytest.mark.parametrize("env, expected", INVALID, ids=[" ".join(f"{k}={v}" for k, v in e.items()) for e, _ in INVALID])
+def test_invalid_configuration_gives_one_clear_message(env, expected):
+    problems = problems_of(env)
+    assert len(problems) == 1, problems
+    for text in expected:
+        assert text in problems[0], (text, problems[0])
+
+
+def test_every_problem_is_reported_at_once():
+    problems = problems_of({"FLEET_ROLE": "worker", "FLEET_HTTP_PORT": "0", "FLEET_TP_SIZE": "x"})
+    assert len(problems) == 3
+
+
+def test_bad_files(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("tp_size: [1,\n")
+    assert "not valid YAML" in problems_of({"FLEET_CONFIG": str(bad_yaml)})[0]
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("tp: 16\n")
+    assert "unknown setting 'tp'" in problems_of({"FLEET_CONFIG": str(unknown)})[0]
+    not_mapping = tmp_path / "list.yaml"
+    not_mapping.write_text("- 1\n")
+    assert "must hold a mapping" in problems_of({"FLEET_CONFIG": str(not_mapping)})[0]
+    assert "cannot read" in problems_of({"FLEET_CONFIG": str(tmp_path / "missing.yaml")})[0]
+    in_file = tmp_path / "typed.yaml"
+    in_file.write_text("nnodes: two\n")
+    assert f"{in_file}: nnodes='two': expected a whole number" in problems_of({"FLEET_CONFIG": str(in_file)})[0]
+
+
+# ---------------------------------------------------------------- through the real CLI
+
+def run_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "CONSUL_"))}
+    return subprocess.run([sys.executable, "-m", "sglang_fleet", "plan", *args], env={**clean, **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"FLEET_ROLE": "worker"}, "FLEET_ROLE='worker': must be one of prefill, decode, regular, router"),
+    ({"FLEET_NNODES": "2", "FLEET_GROUP": "g", "FLEET_TP_SIZE": "3"}, "must be divisible by FLEET_NNODES=2"),
+    ({"FLEET_SGLANG_ARGS": "--tp 16"}, "--tp is set by sglang-fleet; use FLEET_TP_SIZE"),
+    ({"FLEET_PRESET": "nope"}, "FLEET_PRESET='nope': no such preset"),
+])
+def test_cli_exits_78_without_traceback(env, expected):
+    proc = run_cli({**BASE, **env})
+    assert proc.returncode == EX_CONFIG == 78
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_cli_bad_plan_arguments_exit_78():
+    proc = run_cli(BASE, "--node-rank", "3")
+    assert proc.returncode == 78 and "--node-rank=3: must be between 0 and FLEET_NNODES-1 (0)" in proc.stderr
+    proc = run_cli(BASE, "--dist-init-addr", "nohost")
+    assert proc.returncode == 78 and "--dist-init-addr='nohost': expected host:port" in proc.stderr
+
+
+# ---------------------------------------------------------------- docs
+
+def test_every_setting_is_documented():
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [s.env for s in SETTINGS if f"`{s.env}`" not in doc]
+    assert missing == []
+    for name in ["CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_SSL", "CONSUL_CACERT", "FLEET_CONFIG",
+                 *preset_names()]:
+        assert name in doc, name

@@ -1,0 +1,325 @@
+"""The engine process: real child processes and a real HTTP server on 127.0.0.1, no fakes of the OS."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import textwrap
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from sglang_fleet.config import FleetConfig
+from sglang_fleet.engine import Engine, EngineStartCancelled, EngineStartFailed, EngineState
+
+# A stand-in for sglang.launch_server: prints a line to each stream, then behaves as told.
+FAKE_ENGINE = textwrap.dedent('''
+    import argparse, http.server, os, signal, subprocess, sys, time
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--serve", action="store_true")
+    ap.add_argument("--ready-file")       # /health says 503 until this file exists
+    ap.add_argument("--sick-file")        # /health says 500 once this file exists
+    ap.add_argument("--exit-code", type=int)
+    ap.add_argument("--count-file")       # one line per start
+    ap.add_argument("--fail-first", type=int, default=0)  # exit 1 on the first N starts
+    ap.add_argument("--grandchild-file")  # spawn a sleeping grandchild, write its pid here
+    ap.add_argument("--ignore-term-file") # ignore SIGTERM, then create this file
+    a = ap.parse_args()
+    starts = 0
+    if a.count_file:
+        with open(a.count_file, "a") as f:
+            f.write("start\\n")
+        starts = len(open(a.count_file).read().split())
+    print("hello stdout", flush=True)
+    print("hello stderr", file=sys.stderr, flush=True)
+    if a.exit_code is not None:
+        sys.exit(a.exit_code)
+    if starts and starts <= a.fail_first:
+        sys.exit(1)
+    if a.ignore_term_file:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        open(a.ignore_term_file, "w").close()
+    if a.grandchild_file:
+        gc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        with open(a.grandchild_file + ".tmp", "w") as f:
+            f.write(str(gc.pid))
+        os.rename(a.grandchild_file + ".tmp", a.grandchild_file)
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path != "/health":
+                code = 404
+            elif a.sick_file and os.path.exists(a.sick_file):
+                code = 500
+            elif a.ready_file and not os.path.exists(a.ready_file):
+                code = 503
+            else:
+                code = 200
+            self.send_response(code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    if a.serve:
+        http.server.ThreadingHTTPServer(("127.0.0.1", a.port), Health).serve_forever()
+    while True:
+        time.sleep(3600)
+''')
+
+
+@dataclass
+class Launch:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+
+
+@pytest.fixture
+def port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def fake(tmp_path: Path, port: int):
+    script = tmp_path / "fake_engine.py"
+    script.write_text(FAKE_ENGINE)
+
+    def make(*args: str) -> Launch:
+        return Launch([sys.executable, str(script), "--port", str(port), *args])
+    return make
+
+
+@pytest.fixture
+def engines():
+    made: list[Engine] = []
+    yield made
+    for e in made:  # never leave a child behind, even when a test fails
+        e.stop(grace=0.5)
+
+
+@pytest.fixture
+def new_engine(port: int, engines):
+    def make(rank: int = 0, **kw) -> Engine:
+        settings = dict(ready_timeout=15.0, stop_grace=5.0, start_attempts=3, backoff_base=0.05,
+                        backoff_max=1.0, probe_interval=0.05, probe_timeout=2.0, health_interval=0.1,
+                        health_failures=3, context={"group": "g1", "generation": 7})
+        settings.update(kw)
+        engine = Engine(f"http://127.0.0.1:{port}/health", rank, **settings)
+        engines.append(engine)
+        return engine
+    return make
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:].split()[0] not in (b"Z", b"X")
+
+
+def eventually(check, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def test_rank0_is_ready_only_when_health_answers_200(new_engine, fake, tmp_path):
+    ready = tmp_path / "ready"
+    engine = new_engine(rank=0)
+    sentence = engine.start(fake("--serve", "--ready-file", str(ready)))
+    assert sentence == f"engine started pid {engine.pid}"
+    assert engine.poll() is EngineState.STARTING
+    # The server answers, but with 503: not ready.
+    assert engine.wait_ready(deadline=time.monotonic() + 1.0) is EngineState.STARTING
+    ready.touch()
+    assert engine.wait_ready(deadline=time.monotonic() + 10) is EngineState.RUNNING
+    assert engine.reason.startswith("engine ready after ")
+
+    os.kill(engine.pid, signal.SIGKILL)
+    eventually(lambda: engine.poll() is EngineState.EXITED)
+    assert engine.reason == "engine exited with code -9 while running"
+    assert engine.failed and engine.returncode == -9
+    assert engine.stop().startswith("engine stopped")
+    assert engine.state is EngineState.STOPPED
+
+
+def test_rank_above_zero_is_ready_when_alive_and_dummy_health_answers(new_engine, fake):
+    engine = new_engine(rank=1)
+    engine.start(fake("--serve"))
+    assert engine.wait_ready(deadline=time.monotonic() + 10) is EngineState.RUNNING
+    pid = engine.pid
+    os.kill(pid, signal.SIGKILL)
+    eventually(lambda: engine.poll() is EngineState.EXITED)
+    assert engine.reason == "engine exited with code -9 while running"
+    engine.stop()
+    assert not alive(pid)
+
+
+def test_engine_not_ready_in_time_is_unhealthy(new_engine, fake):
+    engine = new_engine(rank=0, ready_timeout=1.0)
+    engine.start(fake())  # alive, but nothing listens on the port
+    pid = engine.pid
+    assert engine.wait_ready() is EngineState.UNHEALTHY
+    assert engine.reason.startswith("engine not ready after 1 s (last probe: ")
+    assert engine.failed and alive(pid)
+    engine.stop()
+    assert engine.state is EngineState.STOPPED and not alive(pid)
+
+
+def test_running_engine_whose_health_keeps_failing_is_stuck(new_engine, fake, tmp_path):
+    sick = tmp_path / "sick"
+    engine = new_engine(rank=0)
+    engine.start(fake("--serve", "--sick-file", str(sick)))
+    assert engine.wait_ready(deadline=time.monotonic() + 10) is EngineState.RUNNING
+    sick.touch()
+    eventually(lambda: engine.poll() is EngineState.UNHEALTHY)
+    assert engine.reason == "engine stuck: /health failed 3 times (last: HTTP 500)"
+
+
+def test_stop_kills_the_whole_process_group_including_grandchild(new_engine, fake, tmp_path):
+    gc_file = tmp_path / "grandchild"
+    engine = new_engine()
+    engine.start(fake("--grandchild-file", str(gc_file)))
+    grandchild = int(eventually(lambda: gc_file.exists() and gc_file.read_text()))
+    child = engine.pid
+    assert alive(child) and alive(grandchild)
+    sentence = engine.stop(grace=5)
+    assert "after SIGTERM" in sentence and "(exit code -15)" in sentence
+    assert engine.state is EngineState.STOPPED
+    assert not alive(child) and not alive(grandchild)
+
+
+def test_stop_sends_sigkill_after_grace_to_an_engine_ignoring_sigterm(new_engine, fake, tmp_path):
+    ignoring = tmp_path / "ignoring"
+    gc_file = tmp_path / "grandchild"
+    engine = new_engine()
+    engine.start(fake("--ignore-term-file", str(ignoring), "--grandchild-file", str(gc_file)))
+    eventually(gc_file.exists)
+    grandchild = int(gc_file.read_text())
+    child = engine.pid
+    sentence = engine.stop(grace=0.5)
+    assert "with SIGKILL after 0.5 s grace" in sentence and "(exit code -9)" in sentence
+    assert engine.returncode == -9
+    assert [s for s, _ in engine.history[-2:]] == [EngineState.STOPPING, EngineState.STOPPED]
+    assert not alive(child) and not alive(grandchild)
+
+
+def test_stop_is_idempotent(new_engine, fake):
+    engine = new_engine()
+    assert engine.stop() == "engine not started"
+    engine.start(fake())
+    first = engine.stop(grace=2)
+    assert engine.stop(grace=2) == first
+    assert engine.state is EngineState.STOPPED
+
+
+def test_output_lines_become_log_events_with_context(new_engine, fake):
+    engine = new_engine(rank=2)
+    with capture_logs() as events:
+        engine.start(fake("--exit-code", "0"))
+        eventually(lambda: engine.poll() is EngineState.EXITED)
+        engine.stop()
+    output = [e for e in events if e["event"] == "engine_output"]
+    want = {("stdout", "hello stdout"), ("stderr", "hello stderr")}
+    assert {(e["stream"], e["line"]) for e in output} == want
+    assert all(e["rank"] == 2 and e["group"] == "g1" and e["generation"] == 7 for e in output)
+    sentences = [e["event"] for e in events if "state" in e]
+    assert sentences[0] == f"engine started pid {engine.history[0][1].split()[-1]}"
+    assert "engine exited with code 0 before ready" in sentences
+
+
+def test_exit_before_ready_is_retried_with_backoff_then_start_failed(new_engine, fake, tmp_path):
+    count = tmp_path / "count"
+    engine = new_engine(start_attempts=3)
+    with capture_logs() as events, pytest.raises(EngineStartFailed) as raised:
+        engine.start_with_retries(fake("--exit-code", "3", "--count-file", str(count)), threading.Event())
+    assert str(raised.value) == ("engine failed to start 3 time(s); last: engine exited with code 3 "
+                                 "before ready")
+    assert count.read_text().split() == ["start"] * 3
+    assert engine.state is EngineState.FATAL
+    backoffs = [e["backoff"] for e in events if e.get("state") == "BACKOFF"]
+    assert len(backoffs) == 2 and 0.05 <= backoffs[0] <= backoffs[1] <= 1.0  # exponential, capped
+    assert engine.stop() == engine.reason  # FATAL stays FATAL
+
+
+def test_retry_succeeds_after_an_early_exit(new_engine, fake, tmp_path):
+    count = tmp_path / "count"
+    engine = new_engine(start_attempts=3)
+    sentence = engine.start_with_retries(
+        fake("--serve", "--fail-first", "1", "--count-file", str(count)), threading.Event())
+    assert sentence.startswith("engine ready after ")
+    assert engine.state is EngineState.RUNNING
+    assert count.read_text().split() == ["start"] * 2
+    states = [s for s, _ in engine.history]
+    assert states[:6] == [EngineState.STARTING, EngineState.EXITED, EngineState.STOPPING, EngineState.STOPPED,
+                          EngineState.BACKOFF, EngineState.STARTING]
+
+
+def test_not_ready_in_time_is_a_failed_attempt(new_engine, fake):
+    engine = new_engine(start_attempts=2, ready_timeout=0.5)
+    with pytest.raises(EngineStartFailed, match=r"2 time\(s\); last: engine not ready after 0.5 s"):
+        engine.start_with_retries(fake(), threading.Event())
+
+
+def test_shutdown_interrupts_backoff_promptly(new_engine, fake, tmp_path):
+    count = tmp_path / "count"
+    engine = new_engine(start_attempts=3, backoff_base=60.0, backoff_max=120.0)
+    shutdown = threading.Event()
+    outcome: list[BaseException] = []
+
+    def run():
+        try:
+            engine.start_with_retries(fake("--exit-code", "1", "--count-file", str(count)), shutdown)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            outcome.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    eventually(lambda: engine.state is EngineState.BACKOFF)
+    shutdown.set()
+    worker.join(timeout=10)  # far below the 60 s backoff
+    assert not worker.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], EngineStartCancelled)
+    assert count.read_text().split() == ["start"]
+
+
+def test_shutdown_while_starting_stops_the_engine(new_engine, fake):
+    engine = new_engine()
+    shutdown = threading.Event()
+    threading.Timer(0.5, shutdown.set).start()
+    with pytest.raises(EngineStartCancelled):
+        engine.start_with_retries(fake(), shutdown)  # never ready
+    assert engine.state is EngineState.STOPPED
+
+
+def test_missing_executable_is_a_failed_start(new_engine):
+    engine = new_engine(start_attempts=2)
+    missing = Launch(["/nonexistent/python", "-m", "sglang.launch_server"])
+    assert engine.start(missing).startswith("engine could not be started: ")
+    assert engine.poll() is EngineState.EXITED
+    with pytest.raises(EngineStartFailed, match="could not be started"):
+        engine.start_with_retries(missing, threading.Event())
+
+
+def test_from_config_takes_the_supervision_settings():
+    cfg = FleetConfig(http_port=31000, ready_timeout=60.0, stop_grace=3.0, start_attempts=4,
+                      backoff_base=2.0, backoff_max=8.0)
+    engine = Engine.from_config(cfg, 1, group="g", generation=3)
+    assert engine.health_url == "http://127.0.0.1:31000/health"
+    assert (engine.ready_timeout, engine.stop_grace, engine.start_attempts, engine.backoff_base,
+            engine.backoff_max) == (60.0, 3.0, 4, 2.0, 8.0)
+    assert engine.context == {"rank": 1, "group": "g", "generation": 3}

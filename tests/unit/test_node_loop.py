@@ -1,0 +1,149 @@
+"""The node loop's decisions, one cycle at a time, over the in-memory KV and a scripted engine.
+
+Only pure decisions are tested here; the real thing (Consul, processes, kill -9) is in
+tests/integration/test_node.py.
+"""
+from __future__ import annotations
+
+import pytest
+
+from sglang_fleet import node as node_mod
+from sglang_fleet.engine import EngineState
+from test_rendezvous import FakeStore, cfg
+
+
+class FakeAPI(FakeStore):
+    address = "fake:8500"
+
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+        self.services = {}
+
+    def register_service(self, name, service_id, **kw):
+        self.calls.append(("register", service_id))
+        self.services[service_id] = kw
+
+    def deregister_service(self, service_id):
+        self.calls.append(("deregister", service_id))
+        self.services.pop(service_id, None)
+
+    def session_destroy(self, sid):
+        self.calls.append(("session_destroy", sid))
+        super().session_destroy(sid)
+
+
+class ScriptedEngine:
+    """Stands in for engine.Engine: the test sets `.state`; stop() is recorded."""
+
+    def __init__(self, calls):
+        self.calls = calls
+        self.state = EngineState.STOPPED
+        self.reason = "engine not started"
+        self.pid = None
+
+    def start(self, launch):
+        self.calls.append(("engine_start", launch.argv[launch.argv.index("--node-rank") + 1]))
+        self.state, self.pid = EngineState.STARTING, 4242
+
+    def poll(self):
+        return self.state
+
+    def stop(self, grace=None):
+        self.calls.append(("engine_stop",))
+        self.state, self.pid = EngineState.STOPPED, None
+        return "engine stopped"
+
+
+@pytest.fixture
+def world(monkeypatch):
+    calls: list = []
+    engines: dict = {}
+
+    def from_config(c, rank, **ctx):
+        engines[c.node_name] = ScriptedEngine(calls)
+        return engines[c.node_name]
+
+    monkeypatch.setattr(node_mod.Engine, "from_config", staticmethod(from_config))
+    api = FakeAPI(calls)
+    return api, calls, engines
+
+
+def make_node(api, name, **env):
+    n = node_mod.Node(cfg(FLEET_NODE_NAME=name, FLEET_ADVERTISE_ADDR=f"10.0.0.{len(name)}",
+                          FLEET_BACKOFF_BASE=0, **env), api=api)
+    n.heartbeat.registered.set()
+    return n
+
+
+def cycle_until(n, text, limit=30):
+    seen = []
+    for _ in range(limit):
+        n.fresh_needed = True  # what the watcher thread does on every change
+        sentence = n.run_cycle()
+        seen.append(sentence)
+        if sentence and text in sentence:
+            return sentence
+    raise AssertionError(f"{n.node_name} never said {text!r}; said {seen}")
+
+
+def test_group_forms_registers_and_peer_leaving_costs_no_budget(world):
+    api, calls, engines = world
+    a, b = make_node(api, "a", FLEET_RANK0=1), make_node(api, "bb")
+    cycle_until(a, "claimed rank 0 of 2 in generation 0")
+    assert cycle_until(a, "waiting for") == "waiting for peers 1/2 in generation 0"
+    cycle_until(b, "claimed rank 1 of 2 in generation 0")
+    cycle_until(a, "barrier passed: rank 0 of 2 in generation 0, dist-init 10.0.0.1:20000")
+    cycle_until(b, "barrier passed: rank 1 of 2")
+    cycle_until(a, "engine started")
+    cycle_until(b, "engine started")
+    assert cycle_until(a, "engine starting") == "rank 0 of 2, engine starting in generation 0"
+    engines["a"].state = engines["bb"].state = EngineState.RUNNING
+    assert "registered serving service sglang-c-g (regular)" in cycle_until(a, "registered serving")
+    assert cycle_until(a, "engine ready") == "rank 0 of 2, engine ready in generation 0"
+    assert cycle_until(b, "engine ready") == "rank 1 of 2, engine ready in generation 0"
+    assert [c for c in calls if c[0] == "register"] == [("register", "sglang-c-g")]
+
+    # bb's session dies (kill -9: heartbeat TTL): a ends the generation; withdraw, then stop, then leave.
+    api.session_destroy(b.session)
+    assert cycle_until(a, "left") == "peer bb (rank 1) left; ending generation 0"
+    del calls[:]
+    assert cycle_until(a, "restarting") == "restarting the group in 0.0 s (no failure counted)"
+    assert [c[0] for c in calls] == ["deregister", "engine_stop", "session_destroy"]
+    assert a.failures == 0 and a.rdv.read().generation == 1
+    assert cycle_until(a, "joined generation 1")
+
+
+def test_own_engine_failure_spends_budget_then_fatal(world):
+    api, calls, engines = world
+    n = make_node(api, "solo", FLEET_NNODES=1, FLEET_TP_SIZE=1, FLEET_GROUP="", FLEET_MAX_FAILURES=2,
+                  FLEET_START_ATTEMPTS=1)
+    for gen in (0, 1):
+        cycle_until(n, f"engine started")
+        engines["solo"].state = EngineState.EXITED
+        engines["solo"].reason = "engine exited with code 1 before ready"
+        assert cycle_until(n, "ending generation") == \
+            f"engine exited with code 1 before ready; ending generation {gen}"
+        if gen == 0:
+            assert cycle_until(n, "restarting") == "restarting the group in 0.0 s (failure 1/2)"
+    with pytest.raises(node_mod.Fatal, match="FLEET_MAX_FAILURES=2 spent; last: engine exited with code 1"):
+        for _ in range(10):
+            n.run_cycle()
+
+
+def test_start_attempts_retry_within_the_generation(world):
+    api, calls, engines = world
+    n = make_node(api, "solo", FLEET_NNODES=1, FLEET_TP_SIZE=1, FLEET_GROUP="", FLEET_START_ATTEMPTS=2)
+    cycle_until(n, "engine started (pid 4242, attempt 1)")
+    engines["solo"].state, engines["solo"].reason = EngineState.EXITED, "engine exited with code 1 before ready"
+    assert "engine start attempt 1/2 failed" in cycle_until(n, "start attempt")
+    cycle_until(n, "engine started (pid 4242, attempt 2)")
+    assert n.failures == 0 and n.generation == 0
+
+
+def test_backoff_grows_and_is_capped():
+    assert node_mod.backoff(0, 1, 60) == 0
+    first = node_mod.backoff(1, 1, 60)
+    assert 1 <= first <= 1.5
+    assert 8 <= node_mod.backoff(4, 1, 60) <= 8.5
+    assert node_mod.backoff(20, 1, 60) <= 60

@@ -1,0 +1,167 @@
+"""The router's pure parts: Consul entries -> desired workers, reconcile, mode choice, smg's argv."""
+from __future__ import annotations
+
+from sglang_fleet.config import load_config
+from sglang_fleet.router import DesiredWorker, choose_mode, desired_from_services, reconcile
+from sglang_fleet.smg_client import RouterWorker
+from sglang_fleet.smg_process import smg_argv, smg_env
+
+CLUSTER = "c1"
+
+
+def entry(group, role, port, *, addr="10.0.0.1", gen="3", bootstrap=None, cluster=CLUSTER, node_addr="10.9.9.9"):
+    meta = {"cluster": cluster, "group": group, "generation": gen, "role": role}
+    if bootstrap is not None:
+        meta["bootstrap_port"] = str(bootstrap)
+    return {"Node": {"Node": "n", "Address": node_addr},
+            "Service": {"ID": f"sglang-{cluster}-{group}", "Service": "sglang", "Tags": [role, f"cluster:{cluster}"],
+                        "Address": addr, "Port": port, "Meta": meta},
+            "Checks": []}
+
+
+def want(url, wtype="decode", bport=None, group="g", gen="1"):
+    return DesiredWorker(url=url, worker_type=wtype, bootstrap_port=bport, cluster=CLUSTER, group=group,
+                         generation=gen, service_id=f"sglang-{CLUSTER}-{group}")
+
+
+def have(d: DesiredWorker, wid="01a2-0000", status="ready", **over):
+    labels = d.labels()
+    labels.update(over.pop("labels", {}))
+    fields = dict(url=d.url, worker_type=d.worker_type,
+                  bootstrap_port=d.bootstrap_port if d.worker_type == "prefill" else None)
+    fields.update(over)
+    return RouterWorker(id=wid, labels=labels, status=status, **fields)
+
+
+def hand_added(url, wtype="regular"):
+    return RouterWorker(id="01a2-hand", url=url, worker_type=wtype, labels={"served_model_name": "m"})
+
+
+# ---- Consul entries -> desired -----------------------------------------------------------------------
+def test_desired_from_services_reads_role_address_and_bootstrap_port():
+    workers, problems = desired_from_services(
+        [entry("p", "prefill", 30000, bootstrap=8998), entry("d", "decode", 30001, addr="")], CLUSTER)
+    assert problems == []
+    assert [(w.url, w.worker_type, w.bootstrap_port, w.group, w.generation) for w in workers] == [
+        ("http://10.0.0.1:30000", "prefill", 8998, "p", "3"),
+        ("http://10.9.9.9:30001", "decode", None, "d", "3"),  # no service address: the node's
+    ]
+    assert workers[0].body() == {
+        "url": "http://10.0.0.1:30000", "worker_type": "prefill", "bootstrap_port": 8998,
+        "labels": {"managed-by": "sglang-fleet", "sglang-fleet/cluster": CLUSTER, "sglang-fleet/group": "p",
+                   "sglang-fleet/generation": "3", "sglang-fleet/service-id": "sglang-c1-p"}}
+    assert "bootstrap_port" not in workers[1].body()
+
+
+def test_desired_role_from_tags_when_meta_lacks_it_and_ipv6_is_bracketed():
+    e = entry("r", "regular", 30000, addr="fd00::5")
+    del e["Service"]["Meta"]["role"]
+    workers, _ = desired_from_services([e], CLUSTER)
+    assert workers[0].worker_type == "regular" and workers[0].url == "http://[fd00::5]:30000"
+
+
+def test_unusable_entries_are_reported_not_routed():
+    bad_role = entry("x", "router", 1)
+    bad_port = entry("y", "prefill", 2, bootstrap="abc")
+    dup = entry("z", "decode", 3)
+    dup2 = entry("z2", "decode", 3)
+    workers, problems = desired_from_services([bad_role, bad_port, dup, dup2], CLUSTER)
+    assert [w.group for w in workers] == ["z"]
+    assert len(problems) == 3
+    assert any("sglang-c1-x" in p and "role" in p for p in problems)
+    assert any("bootstrap_port='abc'" in p for p in problems)
+    assert any("also registered" in p for p in problems)
+
+
+# ---- reconcile ------------------------------------------------------------------------------------------
+def test_empty_router_gets_everything_added():
+    desired = [want("http://a:1", "prefill", 9), want("http://b:2", "decode")]
+    add, remove = reconcile(desired, [], CLUSTER)
+    assert add == desired and remove == []
+
+
+def test_in_sync_is_a_no_op():
+    desired = [want("http://a:1", "prefill", 9), want("http://b:2", "decode")]
+    actual = [have(desired[0], "1"), have(desired[1], "2")]
+    assert reconcile(desired, actual, CLUSTER) == ([], [])
+
+
+def test_unmanaged_workers_are_never_removed():
+    actual = [hand_added("http://hand:1"), hand_added("http://hand:2", "decode")]
+    assert reconcile([], actual, CLUSTER) == ([], [])
+    assert reconcile([want("http://a:1")], actual, CLUSTER) == ([want("http://a:1")], [])
+
+
+def test_workers_of_another_cluster_are_not_ours():
+    other = have(want("http://o:1"), labels={"sglang-fleet/cluster": "other"})
+    assert reconcile([], [other], CLUSTER) == ([], [])
+
+
+def test_a_desired_url_held_by_a_hand_added_worker_is_left_alone():
+    d = want("http://a:1", "decode")
+    assert reconcile([d], [hand_added("http://a:1", "decode")], CLUSTER) == ([], [])
+
+
+def test_empty_desired_removes_all_managed_and_only_managed():
+    d1, d2 = want("http://a:1", "prefill", 9), want("http://b:2", "decode")
+    actual = [have(d1, "1"), have(d2, "2"), hand_added("http://hand:3")]
+    add, remove = reconcile([], actual, CLUSTER)
+    assert add == [] and [w.id for w in remove] == ["1", "2"]
+
+
+def test_gone_group_is_removed_new_group_added():
+    d1, d2, d3 = want("http://a:1"), want("http://b:2"), want("http://c:3")
+    add, remove = reconcile([d1, d3], [have(d1, "1"), have(d2, "2")], CLUSTER)
+    assert add == [d3] and [w.id for w in remove] == ["2"]
+
+
+def test_changed_type_or_bootstrap_port_or_generation_is_replaced():
+    old = want("http://a:1", "prefill", 9, gen="1")
+    for new in (want("http://a:1", "decode", gen="1"), want("http://a:1", "prefill", 10, gen="1"),
+                want("http://a:1", "prefill", 9, gen="2"), want("http://a:1", "prefill", 9, group="h", gen="1")):
+        add, remove = reconcile([new], [have(old, "1")], CLUSTER)
+        assert add == [new] and [w.id for w in remove] == ["1"], new
+
+
+def test_draining_worker_is_not_removed_again_nor_re_added_yet():
+    d = want("http://a:1")
+    assert reconcile([], [have(d, "1", status="draining")], CLUSTER) == ([], [])
+    assert reconcile([d], [have(d, "1", status="draining")], CLUSTER) == ([], [])
+
+
+def test_unhealthy_but_listed_worker_is_kept_consul_decides():
+    d = want("http://a:1")
+    assert reconcile([d], [have(d, "1", is_healthy=False)], CLUSTER) == ([], [])
+
+
+# ---- mode ---------------------------------------------------------------------------------------------
+def test_choose_mode():
+    assert choose_mode("pd", {"regular"}, None) == "pd"
+    assert choose_mode("regular", {"prefill"}, "pd") == "regular"
+    assert choose_mode("auto", set(), None) == "pd"
+    assert choose_mode("auto", set(), "regular") == "regular"  # nothing passing: keep what runs
+    assert choose_mode("auto", {"regular"}, "pd") == "regular"
+    assert choose_mode("auto", {"prefill", "decode"}, "regular") == "pd"
+    assert choose_mode("auto", {"regular", "decode"}, None) == "pd"
+
+
+# ---- smg's command line -------------------------------------------------------------------------------
+def test_smg_argv_pd_with_key_and_extra_args():
+    cfg = load_config({"FLEET_ROLE": "router", "FLEET_ROUTER_PORT": "8100", "FLEET_ROUTER_HOST": "127.0.0.1",
+                       "FLEET_ROUTER_POLICY": "round_robin", "FLEET_ROUTER_API_KEY": "k",
+                       "FLEET_ROUTER_PROMETHEUS_PORT": "29100", "FLEET_ROUTER_HEALTH_INTERVAL": "7",
+                       "FLEET_ROUTER_ARGS": "--request-timeout-secs 600 --disable-retries"})
+    argv = smg_argv(cfg, "pd", "/x/smg")
+    assert argv[:2] == ["/x/smg", "launch"]
+    text = " ".join(argv)
+    for part in ("--host 127.0.0.1", "--port 8100", "--policy round_robin", "--prometheus-port 29100",
+                 "--health-check-interval-secs 7", "--pd-disaggregation", "--api-key k"):
+        assert part in text
+    assert argv[-3:] == ["--request-timeout-secs", "600", "--disable-retries"]
+    assert "--pd-disaggregation" not in smg_argv(cfg, "regular", "smg")
+
+
+def test_smg_env_drops_our_settings_and_secrets():
+    env = smg_env({"PATH": "/bin", "FLEET_ROUTER_API_KEY": "k", "CONSUL_HTTP_TOKEN": "t", "HOME": "/root"})
+    assert env["PATH"] == "/bin" and env["HOME"] == "/root"
+    assert "FLEET_ROUTER_API_KEY" not in env and "CONSUL_HTTP_TOKEN" not in env
