@@ -15,16 +15,7 @@
 ARG BASE_IMAGE=lmsysorg/sglang:v0.5.20-cu130
 
 FROM ${BASE_IMAGE} AS runtime
-ARG BASE_IMAGE
 ARG PYTHON=python3
-ARG VERSION=0.1.0
-ARG VCS_REF=unknown
-LABEL org.opencontainers.image.title="sglang-fleet" \
-      org.opencontainers.image.description="Self-assembling multi-node SGLang: Consul rendezvous, supervised engines, a router that follows Consul" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${VCS_REF}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="${BASE_IMAGE}"
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV FLEET_HOME=/opt/sglang-fleet \
@@ -63,6 +54,17 @@ RUN touch /tmp/src/README.md \
 COPY config /etc/sglang-fleet/
 COPY entrypoint/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 RUN chmod 0755 /usr/local/bin/docker-entrypoint.sh
+
+# Last in the stage: a new revision must not invalidate the cached layers above.
+ARG BASE_IMAGE
+ARG VERSION=0.1.0
+ARG VCS_REF=unknown
+LABEL org.opencontainers.image.title="sglang-fleet" \
+      org.opencontainers.image.description="Self-assembling multi-node SGLang: Consul rendezvous, supervised engines, a router that follows Consul" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${VCS_REF}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
 
 # HTTP (engine), dist-init, PD bootstrap, router, router metrics. NCCL uses further ports (see docs).
 EXPOSE 30000 20000 8998 8000 29000

@@ -9,8 +9,10 @@ rendezvous (N = 2, 4, 8, 16; one group of N):  N-1 members are started and wait 
     the last member starts. Measured from the last member's first log line (its supervisor is up) to
     the last "engine started" of the group; `from_process_start` also counts the last member's Python
     start-up (interpreter + imports; on this 2-core machine shared with other work it dominates).
-detection (2-node group): kill -9 of rank 1 (supervisor and engine, a host dying) -> the survivor says
-    the peer left (`peer_left_s`) and its engine is stopped (`engines_stopped_s`).
+detection (2-node group): kill -9 of rank 1 (supervisor and engine, a host dying) -> the survivor's sim
+    engine exits by itself as an NCCL abort would (`survivor_engine_exited_s`), the survivor's loop says
+    the peer left (`peer_left_s`, bounded by the 3 s heartbeat TTL) and has stopped its engine and
+    withdrawn the serving registration (`engines_stopped_s`).
 re-formation: the replacement's first log line -> every member's engine started in G+1
     (`engines_started_s`) and the serving registration of G+1 in the survivor's log (`serving_s`).
 rss/idle cpu: supervisors of a formed 2-node group (engines not counted), over `--idle` seconds.
@@ -84,7 +86,8 @@ def failure_and_reform(sups, group: str) -> dict:
     mark = a.mark()
     t_kill = time.time()
     b.kill9()
-    left = first(a, "peer ", since=mark)
+    exited = first(a, "engine exited with code", since=mark)
+    left = first(a, re.compile(r"^peer .* left; ending generation"), since=mark)
     stopped = first(a, "engine of generation 0 stopped", since=mark)
     a.wait_for("waiting for peers 1/2 in generation 1", since=mark)
     c = sups.start(f"{group}-c", FLEET_GROUP=group, FLEET_NNODES=2, FLEET_TP_SIZE=2)
@@ -95,7 +98,8 @@ def failure_and_reform(sups, group: str) -> dict:
         s.terminate()
     for s in (a, c):
         s.wait_exit(60)
-    return {"detection": {"peer_left_s": round(left - t_kill, 3), "engines_stopped_s": round(stopped - t_kill, 3)},
+    return {"detection": {"survivor_engine_exited_s": round(exited - t_kill, 3),
+                          "peer_left_s": round(left - t_kill, 3), "engines_stopped_s": round(stopped - t_kill, 3)},
             "reformation": {"engines_started_s": round(started - t_up, 3), "serving_s": round(serving - t_up, 3)}}
 
 
@@ -133,6 +137,12 @@ def idle(sups, group: str, seconds: float) -> dict:
             "window_s": round(elapsed, 1)}
 
 
+def _dir(parent: Path, name: str) -> Path:
+    d = parent / name  # one folder per run: logs are appended to, never mixed across runs
+    d.mkdir()
+    return d
+
+
 def median(values):
     return round(statistics.median(values), 3)
 
@@ -157,7 +167,7 @@ def main() -> int:
         for n in sizes:
             runs = []
             for r in range(args.runs):
-                sups = H.Supervisors(agent, f"bench-rdv-{n}-{r}", work)
+                sups = H.Supervisors(agent, f"bench-rdv-{n}-{r}", _dir(work, f"rdv-{n}-{r}"))
                 try:
                     runs.append(rendezvous(sups, n, f"g{n}"))
                 finally:
@@ -170,7 +180,7 @@ def main() -> int:
 
         fails = []
         for r in range(args.runs):
-            sups = H.Supervisors(agent, f"bench-fail-{r}", work)
+            sups = H.Supervisors(agent, f"bench-fail-{r}", _dir(work, f"fail-{r}"))
             try:
                 fails.append(failure_and_reform(sups, "kg"))
             finally:
@@ -180,7 +190,7 @@ def main() -> int:
         result["reformation"] = {k: median([f["reformation"][k] for f in fails]) for k in fails[0]["reformation"]}
         result["reformation"]["all_runs_engines_started_s"] = [f["reformation"]["engines_started_s"] for f in fails]
 
-        sups = H.Supervisors(agent, "bench-idle", work)
+        sups = H.Supervisors(agent, "bench-idle", _dir(work, "idle"))
         try:
             result["supervisor"] = idle(sups, "idle", args.idle)
         finally:

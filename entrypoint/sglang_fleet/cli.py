@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("router", help="run smg and keep its workers equal to the healthy services in Consul")
     p_status = sub.add_parser("status", help="what Consul says about the cluster")
     p_status.add_argument("--json", action="store_true")
+    p_doctor = sub.add_parser("doctor", help="preflight checks of this host: GPU, NCCL, RDMA, network, model, peers")
+    p_doctor.add_argument("--json", action="store_true")
     sub.add_parser("sim-engine", help="CPU stand-in for sglang.launch_server (demos and tests only)",
                    add_help=False)
 
@@ -59,5 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         from sglang_fleet import status
         return status.run(cfg, as_json=args.json)
+    if args.command == "doctor":
+        from sglang_fleet import doctor
+        return doctor.run(cfg, as_json=args.json)
     parser.error(f"unknown command {args.command}")
     return 2

@@ -239,8 +239,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("router_api_key", _opt_str, None, "API key smg requires from clients (--api-key).", "s3cret"),
     Setting("router_prometheus_port", _int, 29000, "smg's own Prometheus port.", "29000"),
     Setting("router_health_interval", _int, 10, "smg's worker health-check interval in seconds.", "10"),
-    Setting("router_quiet_window", _float, 0.5, "Seconds of quiet before Consul changes are applied to smg "
-            "(batches a flapping check, like consul-template's wait).", "0.5"),
+    Setting("router_quiet_window", _float, 0.5, "Seconds of quiet before new or changed groups are added to "
+            "smg (batches a flapping check, like consul-template's wait); a group that stops passing is "
+            "withdrawn at once.", "0.5"),
     Setting("router_resync_interval", _float, 5.0, "Seconds between full comparisons of smg's workers with "
             "Consul even when Consul is quiet (catches an smg restart or a hand edit).", "5"),
     Setting("router_args", _engine_args, (), "Extra smg arguments, shell-quoted.", "--request-timeout-secs 600"),

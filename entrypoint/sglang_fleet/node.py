@@ -161,7 +161,7 @@ class Node:
                 except ca.ConsulError as exc:  # e.g. ACL denied: not transient, but do not crash
                     self.consul_errors += 1
                     sentence = f"Consul refused a request ({exc}); retrying"
-                    self.idle_wait = backoff(self.consul_errors, 1.0, 30.0)
+                    self.idle_wait, self.fresh_needed = backoff(self.consul_errors, 1.0, 30.0), True
                 if sentence and sentence != last:
                     self.log.info(sentence)
                     last = sentence
@@ -172,6 +172,9 @@ class Node:
         except ConfigError as exc:
             code = EX_CONFIG
             self.log.error(f"FATAL: configuration error: {exc}", exit_code=code)
+        except Exception as exc:  # a bug: withdraw everything and let the container restart us
+            code = EX_FATAL
+            self.log.exception(f"FATAL: internal error: {exc!r}", exit_code=code)
         finally:
             self.shutdown("shutdown requested" if code == 0 else "fatal")
         return code

@@ -2,7 +2,8 @@
 
 `sglang-fleet router` starts smg as a child (smg_process.py), watches
 `/v1/health/service/sglang?passing&tag=cluster:<cluster>` with blocking queries from its own thread, and
-reconciles smg's worker list through its HTTP API (smg_client.py). Only workers carrying our label
+reconciles smg's worker list through its HTTP API (smg_client.py); the decisions themselves are pure
+functions in router_state.py. Only workers carrying our label
 (`managed-by=sglang-fleet`, `sglang-fleet/cluster=<cluster>`) are ever changed; workers somebody added by
 hand are left alone. The router registers itself in Consul as `sglang-router`.
 
@@ -20,15 +21,13 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping
 
 import tenacity
 
 from sglang_fleet import logs
-from sglang_fleet.config import NODE_ROLES, FleetConfig
-from sglang_fleet.smg_client import (LABEL_CLUSTER, LABEL_GENERATION, LABEL_GROUP, LABEL_SERVICE_ID, MANAGED_BY,
-                                     MANAGED_VALUE, RouterWorker, SmgClient, SmgConflict, SmgError)
+from sglang_fleet.config import FleetConfig
+from sglang_fleet.router_state import ROLE_BY_MODE, DesiredWorker, choose_mode, desired_from_services, reconcile
+from sglang_fleet.smg_client import SmgClient, SmgConflict, SmgError
 
 SERVICE = "sglang"
 ROUTER_SERVICE = "sglang-router"
@@ -36,114 +35,6 @@ WATCH_WAIT = "10s"
 QUIET_MAX_FACTOR = 5  # a steady stream of changes is applied at the latest after 5 quiet windows
 SMG_STABLE_AFTER = 30.0  # smg that ran this long before exiting is restarted at once; sooner: with backoff
 SMG_UNANSWERED_LIMIT = 10  # consecutive failed calls to a live smg before it is restarted as hung
-ROLE_BY_MODE = {"pd": ("prefill", "decode"), "regular": ("regular",)}
-
-
-# ---- desired state (pure) ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DesiredWorker:
-    """One passing serving group as smg should know it."""
-
-    url: str
-    worker_type: str
-    bootstrap_port: int | None = None
-    cluster: str = ""
-    group: str = ""
-    generation: str = ""
-    service_id: str = ""
-
-    def labels(self) -> dict[str, str]:
-        return {MANAGED_BY: MANAGED_VALUE, LABEL_CLUSTER: self.cluster, LABEL_GROUP: self.group,
-                LABEL_GENERATION: self.generation, LABEL_SERVICE_ID: self.service_id}
-
-    def body(self) -> dict[str, Any]:
-        """The JSON body of POST/PUT /workers."""
-        body: dict[str, Any] = {"url": self.url, "worker_type": self.worker_type, "labels": self.labels()}
-        if self.worker_type == "prefill" and self.bootstrap_port is not None:
-            body["bootstrap_port"] = self.bootstrap_port
-        return body
-
-    def matches(self, worker: RouterWorker) -> bool:
-        """Same server as smg knows it: type, bootstrap port, group and generation agree."""
-        port = self.bootstrap_port if self.worker_type == "prefill" else None
-        return (worker.url == self.url and worker.worker_type == self.worker_type
-                and worker.bootstrap_port == port
-                and worker.labels.get(LABEL_GROUP, "") == self.group
-                and worker.labels.get(LABEL_GENERATION, "") == self.generation)
-
-
-def _host(entry: Mapping[str, Any]) -> str:
-    svc, node = entry.get("Service") or {}, entry.get("Node") or {}
-    host = svc.get("Address") or node.get("Address") or ""
-    return f"[{host}]" if ":" in host else host
-
-
-def desired_from_services(entries: Iterable[Mapping[str, Any]], cluster: str) -> tuple[list[DesiredWorker], list[str]]:
-    """Consul health entries -> one DesiredWorker per serving group, plus sentences for entries that
-    cannot be used (no address, unknown role, bad bootstrap port)."""
-    workers: dict[str, DesiredWorker] = {}
-    problems: list[str] = []
-    for entry in entries:
-        svc = entry.get("Service") or {}
-        meta, tags = svc.get("Meta") or {}, svc.get("Tags") or []
-        sid = str(svc.get("ID", "?"))
-        role = meta.get("role") or next((t for t in tags if t in NODE_ROLES), "")
-        host, port = _host(entry), svc.get("Port")
-        if role not in NODE_ROLES:
-            problems.append(f"service {sid}: no role among {', '.join(NODE_ROLES)} in meta or tags; skipped")
-            continue
-        if not host or not port:
-            problems.append(f"service {sid}: no address or port; skipped")
-            continue
-        bport = None
-        if role == "prefill" and meta.get("bootstrap_port"):
-            try:
-                bport = int(meta["bootstrap_port"])
-            except ValueError:
-                problems.append(f"service {sid}: bootstrap_port={meta['bootstrap_port']!r} is not a number; skipped")
-                continue
-        url = f"http://{host}:{int(port)}"
-        if url in workers:
-            problems.append(f"service {sid}: {url} is also registered as {workers[url].service_id}; skipped")
-            continue
-        workers[url] = DesiredWorker(url=url, worker_type=role, bootstrap_port=bport, cluster=cluster,
-                                     group=str(meta.get("group", "")), generation=str(meta.get("generation", "")),
-                                     service_id=sid)
-    return sorted(workers.values(), key=lambda w: w.url), problems
-
-
-def choose_mode(setting: str, roles: Iterable[str], current: str | None) -> str:
-    """smg's mode: the setting when it is pd/regular; for auto, pd unless only regular groups pass.
-    With no groups passing, keep what runs (pd at first start)."""
-    if setting in ROLE_BY_MODE:
-        return setting
-    roles = set(roles)
-    if not roles:
-        return current or "pd"
-    return "pd" if roles & {"prefill", "decode"} else "regular"
-
-
-def reconcile(desired: Iterable[DesiredWorker], actual: Iterable[RouterWorker],
-              cluster: str | None = None) -> tuple[list[DesiredWorker], list[RouterWorker]]:
-    """(add, remove) that make smg's managed workers equal to `desired`.
-
-    - Workers without our managed label (or of another cluster) are never removed, and a desired URL
-      held by such a worker is not added (smg refuses a second worker with the same URL).
-    - A managed worker whose type, bootstrap port, group or generation changed is in both lists (the
-      caller replaces it in place).
-    - A draining worker is already leaving: not removed again; its URL is added once it is gone.
-    """
-    actual = list(actual)
-    by_url = {w.url: w for w in actual}
-    want = {d.url: d for d in desired}
-    remove = [w for w in actual if w.managed_by(cluster) and not w.draining
-              and (w.url not in want or not want[w.url].matches(w))]
-    add = []
-    for url, d in sorted(want.items()):
-        have = by_url.get(url)
-        if have is None or (have.managed_by(cluster) and not have.draining and not d.matches(have)):
-            add.append(d)
-    return add, remove
 
 
 # ---- the agent ----------------------------------------------------------------------------------------
@@ -224,6 +115,11 @@ class RouterAgent:
             self._parsed = (seq, (workers, {w.worker_type for w in workers}))
         return self._parsed[1]
 
+    def _withdrawals(self, applied: set[str]) -> bool:
+        """The newest Consul answer drops a group that is routed now."""
+        state = self._desired()
+        return state is not None and bool(applied - {w.url for w in state[0]})
+
     def _start_smg(self, mode: str) -> None:
         from sglang_fleet.smg_process import SmgStartFailed
         self._retrying((SmgStartFailed,), attempts=self.cfg.start_attempts)(self.smg.start, mode, self._stop)
@@ -286,6 +182,7 @@ class RouterAgent:
         threading.Thread(target=self._watch, name="consul-watch", daemon=True).start()
         quiet = self.cfg.router_quiet_window
         resync_at, seen_seq, dirty, unanswered = 0.0, -1, True, 0
+        applied: set[str] = set()  # URLs of the groups routed at the last apply
         try:
             while not self._stop.is_set():
                 state = self._desired()
@@ -305,9 +202,10 @@ class RouterAgent:
                         return 1
                     dirty = True
                 if self._seq != seen_seq:
-                    # Quiet window: apply once Consul has been still for `quiet` s (at most QUIET_MAX_FACTOR x).
+                    # Quiet window: new or changed groups are applied once Consul has been still for `quiet`
+                    # s (at most QUIET_MAX_FACTOR windows); a group that stopped passing goes at once.
                     first = time.monotonic()
-                    while not self._stop.is_set() and quiet > 0:
+                    while not self._stop.is_set() and quiet > 0 and not self._withdrawals(applied):
                         seq = self._seq
                         if self._stop.wait(quiet) or self._seq == seq or time.monotonic() - first > quiet * QUIET_MAX_FACTOR:
                             break
@@ -316,7 +214,9 @@ class RouterAgent:
                 now = time.monotonic()
                 if state is not None and (dirty or now >= resync_at):
                     try:
-                        changed = self.apply([w for w in state[0] if w.worker_type in ROLE_BY_MODE[mode]])
+                        routed = [w for w in state[0] if w.worker_type in ROLE_BY_MODE[mode]]
+                        changed = self.apply(routed)
+                        applied = {w.url for w in routed}
                         ignored = sorted({w.worker_type for w in state[0]} - set(ROLE_BY_MODE[mode]))
                         if ignored and dirty:
                             self.log.warning("groups of these roles are not routed in this mode", mode=mode,
@@ -402,5 +302,5 @@ def run(cfg: FleetConfig) -> int:
 
 from sglang_fleet.router_view import format_router_view, router_view  # noqa: E402  (status uses these)
 
-__all__ = ["DesiredWorker", "RouterAgent", "advertise_addr", "choose_mode", "desired_from_services",
+__all__ = ["DesiredWorker", "ROLE_BY_MODE", "RouterAgent", "advertise_addr", "choose_mode", "desired_from_services",
            "format_router_view", "reconcile", "router_view", "run"]

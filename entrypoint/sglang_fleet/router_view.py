@@ -13,7 +13,7 @@ from sglang_fleet.smg_client import SmgClient, SmgError
 
 
 def _compare(desired, workers, cluster: str, mode: str | None) -> list[str]:
-    from sglang_fleet.router import ROLE_BY_MODE
+    from sglang_fleet.router_state import ROLE_BY_MODE
     roles = ROLE_BY_MODE.get(mode or "", ("prefill", "decode", "regular"))
     by_url = {w.url: w for w in workers}
     diffs = []
@@ -43,7 +43,8 @@ def router_view(api, cfg: FleetConfig, timeout: float = 3.0) -> dict[str, Any]:
     """{"cluster", "consul": [passing services], "routers": [{"id", "url", "mode", "passing", "error",
     "workers": [...], "unmanaged": [...], "differences": [...]}], "ok"}. Raises ConsulError when Consul
     cannot be read (status reports that itself)."""
-    from sglang_fleet.router import ROUTER_SERVICE, SERVICE, desired_from_services
+    from sglang_fleet.router import ROUTER_SERVICE, SERVICE
+    from sglang_fleet.router_state import desired_from_services
     tag = f"cluster:{cfg.cluster}"
     _, services = api.health_service(SERVICE, tag=tag, passing=True)
     desired, problems = desired_from_services(services, cfg.cluster)

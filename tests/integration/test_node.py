@@ -148,7 +148,7 @@ def test_fixed_ranks_and_rank0_preference(supervisors, consul_api, cluster_name)
     assert {r: m.node for r, m in view.members.items()} == {0: "fx-b", 1: "fx-c", 2: "fx-a"}
 
 
-@pytest.mark.parametrize("victim", ["rank1", "rank0", "engine"])
+@pytest.mark.parametrize("victim", ["rank1", "rank0", "engine", "rank1-supervisor-only"])
 def test_kill9_ends_generation_and_replacement_serves_next(victim, supervisors, consul_api, cluster_name):
     members = supervisors.group("kg", 2)
     ranks = {ready(s)[0]: s for s in members}
@@ -157,9 +157,13 @@ def test_kill9_ends_generation_and_replacement_serves_next(victim, supervisors, 
     target = ranks[0] if victim == "rank0" else ranks[1]
     survivor = ranks[1] if target is ranks[0] else ranks[0]
     marks = {s.name: s.mark() for s in members}
+    orphans = set()
     if victim == "engine":
         engine_pid = max(p for p in target.engine_pids() if "sim-engine" in open(f"/proc/{p}/cmdline").read())
         os.kill(engine_pid, signal.SIGKILL)
+    elif victim == "rank1-supervisor-only":
+        orphans = target.engine_pids()  # the engine outlives its supervisor...
+        target.kill9(with_engine=False)
     else:
         target.kill9()
 
@@ -184,6 +188,9 @@ def test_kill9_ends_generation_and_replacement_serves_next(victim, supervisors, 
     view = group_view(consul_api, cluster_name, "kg")
     assert view.generation == g + 1 and sorted(view.members) == [0, 1]
     assert view.ended[g]["by"] in {s.name for s in members}
+    # ...until the group it belonged to is stopped: its peer connection drops and it exits (NCCL abort).
+    wait_until(lambda: not any(os.path.exists(f"/proc/{p}/cmdline") and open(f"/proc/{p}/stat").read().split()[2]
+                               not in ("Z", "X") for p in orphans), 30, "the orphaned engine to exit")
 
 
 def test_config_mismatch_starts_nothing_and_names_the_field(supervisors, consul_api, cluster_name):

@@ -240,6 +240,15 @@ def test_regular_groups_spread_hand_added_survives_smg_restart(supervisors, star
     served = {g.name: engine_requests(g) - before[g.name] for g in groups}
     assert all(n > 0 for n in served.values()), served
 
+    # `sglang-fleet status` shows the router's workers beside Consul's, the hand-added one as such.
+    env = dict(router.env, FLEET_ROLE="regular", FLEET_MODEL_PATH="sim/tiny-model")
+    proc = subprocess.run([str(FLEET_BIN), "status", "--json"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    [view] = json.loads(proc.stdout)["routers"]["routers"]
+    assert {w["url"] for w in view["workers"]} == {groups[0].http_url, groups[1].http_url}
+    assert [w["url"] for w in view["unmanaged"]] == [hand.http_url]
+    assert view["differences"] == [], view
+
     # Several reconciles later (resync every 1 s, plus a Consul change) the hand-added worker is still there.
     groups[1].terminate()
     router.wait_workers(lambda ws: groups[1].http_url not in {w["url"] for w in ws},
