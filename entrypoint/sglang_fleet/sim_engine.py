@@ -188,8 +188,10 @@ class SimEngine:
             if self._done.is_set():
                 return
             self._code = code
-            self.log.error(f"sim engine exiting: {reason}", exit_code=code)
-            self._done.set()
+            try:
+                self.log.error(f"sim engine exiting: {reason}", exit_code=code)
+            finally:  # stdout may be a broken pipe (supervisor killed): exit anyway
+                self._done.set()
 
     def _on_signal(self, signum, _frame):
         with self._lock:

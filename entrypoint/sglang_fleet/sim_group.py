@@ -236,7 +236,7 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as e:
         if e.errno != errno.EADDRNOTAVAIL:
             sock.close()
-            raise OSError(e.errno, f"{e.strerror} ({host}:{port})") from None
+            raise
         sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))  # address is NATed here
     sock.listen(128)
     return sock

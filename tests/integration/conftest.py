@@ -10,8 +10,11 @@ Reusable by every integration test (node, router, status):
 - `cluster_name`: a cluster name unique to the test, so tests sharing one agent never see each other.
 - `supervisors`: a `Supervisors` factory; `supervisors.start(node_name, **env)` runs
   `.venv/bin/sglang-fleet node` (FLEET_ENGINE=sim, its own 127.0.0.x address and ports, small delays)
-  and returns a `Supervisor` with `.records()` (its JSON log lines), `.wait_for(text)`,
-  `.kill9()`, `.terminate()`, `.wait_exit()`. Everything is killed by process group at teardown.
+  and returns a `Supervisor` with `.records()` (its JSON log lines), `.events(text)`, `.mark()` +
+  `.wait_for(text_or_regex, since=mark)`, `.kill9(with_engine=True)`, `.terminate()`, `.wait_exit()`,
+  `.engine_pids()`; `supervisors.group(name, nnodes)` starts a whole group. At teardown every supervisor
+  and every process below it is SIGKILLed (engines run in their own process groups: the tree is read
+  from /proc).
 - `make_supervisors(agent)`: a `Supervisors` bound to another agent (e.g. `fresh_consul_agent`).
 - `consul_api`: a `ConsulAPI` on `consul_agent`.
 - `wait` fixture == `wait_until(predicate, timeout, what)`. Use the fixtures rather than `from conftest
