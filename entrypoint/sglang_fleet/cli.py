@@ -36,6 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     p_status.add_argument("--json", action="store_true")
     p_doctor = sub.add_parser("doctor", help="preflight checks of this host: GPU, NCCL, RDMA, network, model, peers")
     p_doctor.add_argument("--json", action="store_true")
+    p_nccl = sub.add_parser("nccl-check", help="preflight on every host of a group: rendezvous through Consul, "
+                            "then an NCCL all-reduce with the engine's environment")
+    p_nccl.add_argument("--gpus-per-node", type=int, default=None,
+                        help="processes (GPUs) on this node; default: the group's, capped at the visible GPUs")
+    p_nccl.add_argument("--backend", default="nccl", choices=("nccl", "gloo"), help="gloo: CPUs only, to try the tool")
+    p_nccl.add_argument("--min-bytes", default="8")
+    p_nccl.add_argument("--max-bytes", default="256M")
+    p_nccl.add_argument("--iters", type=int, default=20)
+    p_nccl.add_argument("--timeout", type=float, default=300.0, help="seconds for rendezvous and all-reduce")
+    p_nccl.add_argument("--dist-port", type=int, default=None, help="default FLEET_DIST_PORT")
+    p_nccl.add_argument("--json", action="store_true")
     sub.add_parser("sim-engine", help="CPU stand-in for sglang.launch_server (demos and tests only)",
                    add_help=False)
 
@@ -64,5 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         from sglang_fleet import doctor
         return doctor.run(cfg, as_json=args.json)
+    if args.command == "nccl-check":
+        from sglang_fleet import nccl_check
+        return nccl_check.run(cfg, args)
     parser.error(f"unknown command {args.command}")
     return 2

@@ -1,0 +1,265 @@
+"""`sglang-fleet nccl-check`: a preflight all-reduce across a group, set up exactly as the engine would be.
+
+Run it on every host of a group with the group's FLEET_* settings. It joins the group's rendezvous in Consul
+under its own group name `<group>-nccl-check` (a serving group is never touched), gets its rank and the
+dist-init address the same way `node` does, builds the engine environment with `launch.build_launch` (the
+NCCL/GLOO profile, NCCL_SOCKET_IFNAME, ...), and starts one all-reduce process per local GPU
+(nccl_allreduce.py, under FLEET_ENGINE_PYTHON) with that environment: torch.distributed NCCL init via
+`tcp://<dist-init addr>`, all-reduce from 8 B to 256 MiB, every sum checked, bandwidths as nccl-tests
+reports them. Then it ends its generation (one member wins the txn), destroys its session and withdraws
+its heartbeat. Exit 0 when every sum was right; 1 with a one-line reason otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from sglang_fleet import consul_api as ca
+from sglang_fleet import launch, logs
+from sglang_fleet import registration as reg
+from sglang_fleet import rendezvous as rdv
+from sglang_fleet.config import EX_CONFIG, NAME_RE, FleetConfig
+
+GROUP_SUFFIX = "-nccl-check"
+WORKER = Path(__file__).with_name("nccl_allreduce.py")
+EX_FAILED = 1
+DEPARTURE_GRACE = 10.0  # a finished peer ends the generation a moment before we finish too
+SHOWN_ENV = ("NCCL_", "GLOO_", "CUDA_VISIBLE_DEVICES", "NVSHMEM_", "TORCH_SYMM_MEM")
+
+
+class CheckFailed(Exception):
+    """The check did not pass; the message is the one-line reason."""
+
+
+def parse_bytes(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
+
+
+def visible_gpus(env=os.environ) -> int:
+    """GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else /dev/nvidia<N> or nvidia-smi."""
+    from sglang_fleet.doctor import Host, count_gpus  # lazily: doctor is large
+    found, _ = count_gpus(Host())
+    if "CUDA_VISIBLE_DEVICES" in env:
+        listed = len([d for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
+        return min(listed, found) if found else listed
+    return found
+
+
+def check_config(cfg: FleetConfig, dist_port: int | None) -> FleetConfig:
+    group = f"{cfg.group or cfg.node_name}{GROUP_SUFFIX}"
+    if not NAME_RE.match(group):
+        raise CheckFailed(f"FLEET_GROUP={cfg.group!r}: the check group {group!r} is not a valid name "
+                          f"(at most 63 letters, digits, '.', '_' and '-'); use a shorter group name")
+    return dataclasses.replace(cfg, group=group, dist_port=dist_port or cfg.dist_port)
+
+
+class Check:
+    def __init__(self, cfg: FleetConfig, args, gpus: int):
+        self.cfg, self.args, self.gpus = cfg, args, gpus
+        self.log = logs.get("sglang_fleet.nccl_check")
+        self.addr = launch.resolve_advertise_addr(cfg)
+        self.api = ca.ConsulAPI(cfg.consul)
+        self.rdv = rdv.Rendezvous(self.api, cfg, cfg.node_name, self.addr)
+        # Every member must start the same number of processes, or the world sizes disagree.
+        self.rdv.fingerprint["nccl_check"] = {"gpus_per_node": gpus, "backend": args.backend}
+        self.stop = threading.Event()
+        self.heartbeat = reg.Heartbeat(cfg, self.addr, self.stop)
+        self.deadline = time.monotonic() + args.timeout
+        self.session: str | None = None
+        self.last = ""
+
+    def say(self, sentence: str) -> None:
+        if sentence and sentence != self.last:
+            self.log.info(sentence)
+            self.last = sentence
+
+    def left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise CheckFailed(f"timed out after {self.args.timeout:g} s (--timeout); "
+                              f"last: {self.last}")
+        return left
+
+    def join(self) -> rdv.Assignment:
+        """Rendezvous exactly as `node` does, up to the barrier: (rank, nnodes, dist-init address)."""
+        while not self.heartbeat.registered.wait(0.2):
+            self.left()
+            self.say(f"waiting for the heartbeat check in Consul {self.api.address}"
+                     + (f" ({self.heartbeat.last_error})" if self.heartbeat.last_error else ""))
+        generation, rank, index = None, None, 0
+        while True:
+            self.left()
+            view = self.rdv.read(index=index, wait="2s")
+            index = 0  # after an action read again at once; a wait sets it below
+            if view.generation is None:
+                self.rdv.ensure_generation()
+            elif self.session is None:
+                self.session, generation = self.rdv.create_session(self.heartbeat.check_id), view.generation
+                self.say(f"joined generation {generation} of {self.cfg.group}")
+            elif view.generation != generation:
+                ended = view.ended.get(generation) or {}
+                self.say(f"generation {generation} ended ({ended.get('by')}: {ended.get('reason')}); rejoining")
+                self.api.session_destroy(self.session)
+                self.session, rank = None, None
+            elif rank is None or view.rank_of(self.session) is None:
+                rank, sentence = self.rdv.claim_rank(view, self.session)
+                self.say(sentence)
+                index = 0 if rank is not None else view.index
+            elif rank == 0 and view.leader is None:
+                self.say(self.rdv.publish_leader(view, self.session))
+            else:
+                passed, sentence = rdv.barrier(view, generation, self.cfg.nnodes)
+                self.say(sentence)
+                if not passed:
+                    index = view.index
+                    continue
+                problems = rdv.fingerprint_mismatches(view, self.rdv.fingerprint, self.cfg.node_name)
+                mine = self.rdv.fingerprint["nccl_check"]
+                problems += [f"{m.node} (rank {m.rank}) runs {m.fingerprint.get('nccl_check')}, this node {mine}"
+                             for m in view.members.values() if m.fingerprint.get("nccl_check") != mine]
+                if problems:
+                    raise CheckFailed("the group does not agree: " + "; ".join(problems))
+                return self.rdv.assignment(view, rank)
+
+    def spawn(self, a: rdv.Assignment) -> list[subprocess.Popen]:
+        spec = launch.build_launch(self.cfg, a.rank, a.nnodes, a.dist_init_addr, self.addr)
+        for note in spec.warnings:
+            self.log.info(f"launch note: {note}")
+        self.env = spec.env
+        host, _, port = a.dist_init_addr.rpartition(":")
+        init = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+        world = a.nnodes * self.gpus
+        procs = []
+        for local in range(self.gpus):
+            argv = [self.cfg.engine_python, str(WORKER), "--init-method", init, "--world-size", str(world),
+                    "--rank", str(a.rank * self.gpus + local), "--local-rank", str(local),
+                    "--backend", self.args.backend, "--min-bytes", str(self.args.min_bytes),
+                    "--max-bytes", str(self.args.max_bytes), "--iters", str(self.args.iters),
+                    "--timeout", str(int(self.left()))] + (["--report"] if local == 0 else [])
+            procs.append(subprocess.Popen(argv, env={**spec.env, "LOCAL_RANK": str(local)}, stdout=subprocess.PIPE,
+                                          stdin=subprocess.DEVNULL, text=True, start_new_session=True))
+        self.say(f"rank {a.rank} of {a.nnodes}: {self.args.backend} all-reduce over {world} process(es) "
+                 f"({self.gpus} here) via {init}")
+        return procs
+
+    def watch(self, a: rdv.Assignment, procs: list[subprocess.Popen]) -> None:
+        """Waits for the processes; stops them at the deadline or some seconds after a peer left."""
+        gone_at = None
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > self.deadline or (gone_at and time.monotonic() - gone_at > DEPARTURE_GRACE):
+                for p in procs:
+                    if p.poll() is None:
+                        os.killpg(p.pid, signal.SIGKILL)
+                gone = ", ".join(f"{m.node} (rank {m.rank})" for m in rdv.departures(self.rdv.read(), a))
+                raise CheckFailed(f"{self.args.backend} all-reduce did not finish "
+                                  + (f"after peer {gone} left" if gone_at else
+                                     f"within {self.args.timeout:g} s: is {a.dist_init_addr} reachable from every "
+                                     f"node, and NCCL_SOCKET_IFNAME={self.env.get('NCCL_SOCKET_IFNAME')} right?"))
+            if gone_at is None and rdv.departures(self.rdv.read(), a):
+                gone_at = time.monotonic()
+            time.sleep(0.5)
+
+    def collect(self, a: rdv.Assignment, procs: list[subprocess.Popen], began: float) -> dict:
+        records = [json.loads(line) for p in procs for line in p.stdout.read().splitlines()
+                   if line.startswith('{"record"')]
+        sizes = [r for r in records if r["record"] == "allreduce"]
+        for r in sizes:
+            print(json.dumps(r) if self.args.json else
+                  f"{r['size']:>12} B {r['time_us']:>11.1f} us {r['algbw_GBps']:>9.2f} GB/s algbw "
+                  f"{r['busbw_GBps']:>9.2f} GB/s busbw  {'ok' if r['correct'] else 'WRONG'}", flush=True)
+        done = [r for r in records if r["record"] == "done"]
+        errors = [r["reason"] for r in records if r["record"] == "error"]
+        errors += [f"process {i} exited with {p.returncode}" for i, p in enumerate(procs)
+                   if p.returncode and not errors]
+        first = done[0] if done else {}
+        return {"record": "summary", "ok": not errors and len(done) == len(procs), "node": self.cfg.node_name,
+                "group": self.cfg.group, "generation": a.generation, "rank": a.rank, "nnodes": a.nnodes,
+                "dist_init_addr": a.dist_init_addr, "world_size": a.nnodes * self.gpus, "gpus_per_node": self.gpus,
+                "backend": self.args.backend, "sizes": len(sizes), "all_correct": bool(sizes) and all(
+                    r["correct"] for r in sizes), "max_busbw_GBps": max((r["busbw_GBps"] for r in sizes), default=None),
+                "torch": first.get("torch"), "nccl": first.get("nccl"), "device": first.get("device"),
+                "init_s": first.get("init_s"), "seconds": round(time.monotonic() - began, 2), "errors": errors,
+                "env": {k: v for k, v in sorted(self.env.items()) if k.startswith(SHOWN_ENV)}}
+
+    def finish(self, reason: str, failed: bool) -> None:
+        """Ends the generation (one member wins), destroys the session, withdraws the heartbeat."""
+        try:
+            view = self.rdv.read()
+            if self.session and view.rank_of(self.session) is not None:
+                self.rdv.end_generation(view, reason, rdv.LOCAL_FAILURE if failed else rdv.SHUTDOWN)
+            if self.session:
+                self.api.session_destroy(self.session)
+        except ca.ConsulError as exc:
+            self.log.warning(f"could not clean up the check's generation: {exc}")
+        self.stop.set()
+        self.heartbeat.join(timeout=3)
+        try:
+            self.api.deregister_service(reg.member_id(self.cfg))
+        except ca.ConsulError as exc:
+            self.log.warning(f"heartbeat not deregistered: {exc}")
+        self.api.close()
+
+    def run(self) -> int:
+        began = time.monotonic()
+        self.heartbeat.start()
+        summary, failure = None, None
+        try:
+            a = self.join()
+            self.say(f"barrier passed: rank {a.rank} of {a.nnodes}, dist-init {a.dist_init_addr}")
+            procs = self.spawn(a)
+            self.watch(a, procs)
+            summary = self.collect(a, procs, began)
+            failure = None if summary["ok"] else "; ".join(summary["errors"]) or "no result"
+        except CheckFailed as exc:
+            failure = str(exc)
+        except ca.ConsulError as exc:
+            failure = f"Consul at {self.api.address}: {exc}"
+        finally:
+            self.finish(f"nccl-check {'failed: ' + failure if failure else 'passed'} on {self.cfg.node_name}",
+                        failed=failure is not None)
+        summary = summary or {"record": "summary", "ok": False, "node": self.cfg.node_name, "group": self.cfg.group}
+        summary["reason"] = failure
+        if self.args.json:
+            print(json.dumps(summary), flush=True)
+        if failure:
+            print(f"sglang-fleet nccl-check: FAILED on {self.cfg.node_name}: {failure}", file=sys.stderr)
+            return EX_FAILED
+        print(f"sglang-fleet nccl-check: passed on {self.cfg.node_name}: rank {summary['rank']} of "
+              f"{summary['nnodes']}, world {summary['world_size']}, dist-init {summary['dist_init_addr']}, "
+              f"max busbw {summary['max_busbw_GBps']} GB/s ({summary['device']}, NCCL {summary['nccl']})",
+              file=sys.stderr)
+        return 0
+
+
+def run(cfg: FleetConfig, args) -> int:
+    """`sglang-fleet nccl-check` (cli.py: gpus_per_node, backend, min_bytes, max_bytes, iters, timeout,
+    dist_port, json)."""
+    try:
+        args.min_bytes, args.max_bytes = parse_bytes(args.min_bytes), parse_bytes(args.max_bytes)
+    except (ValueError, IndexError):
+        print(f"sglang-fleet: configuration error: --min-bytes={args.min_bytes!r} / --max-bytes={args.max_bytes!r}: "
+              f"expected a byte count such as 8, 64K, 256M or 1G", file=sys.stderr)
+        return EX_CONFIG
+    if not 4 <= args.min_bytes <= args.max_bytes:
+        print(f"sglang-fleet: configuration error: --min-bytes={args.min_bytes} --max-bytes={args.max_bytes}: "
+              f"need 4 <= min <= max", file=sys.stderr)
+        return EX_CONFIG
+    try:
+        check_cfg = check_config(cfg, args.dist_port)
+        wanted = args.gpus_per_node or cfg.gpus_per_node
+        gpus = min(wanted, visible_gpus()) if args.backend == "nccl" else wanted
+        if gpus < 1:
+            raise CheckFailed("no GPU visible (CUDA_VISIBLE_DEVICES, /dev/nvidia<N>, nvidia-smi)")
+    except CheckFailed as exc:
+        print(f"sglang-fleet nccl-check: FAILED: {exc}", file=sys.stderr)
+        return EX_FAILED
+    return Check(check_cfg, args, gpus).run()
