@@ -7,8 +7,9 @@
 #
 # supervisord is PID 1 (entrypoint/docker-entrypoint.sh, config/supervisord/). A program that exits
 # stops the container with its status; a configuration error exits 78 before anything starts.
-# Give the container time to withdraw its registration on stop: docker run --stop-timeout 60,
-# compose stop_grace_period: 60s, Kubernetes terminationGracePeriodSeconds: 60, Nomad kill_timeout.
+# Give a node container time to withdraw its registration, drain and stop its engine on stop: at least
+# FLEET_DRAIN_TIMEOUT + FLEET_STOP_GRACE + 15 s (90 for the defaults): docker run --stop-timeout 90,
+# compose stop_grace_period: 90s, Kubernetes terminationGracePeriodSeconds: 90, Nomad kill_timeout.
 # No secrets are baked in: pass HF_TOKEN, CONSUL_HTTP_TOKEN, FLEET_ROUTER_API_KEY at run time.
 
 # SGLang 0.5.20, CUDA 13 (lmsysorg/sglang:v0.5.19-cu129 is the last CUDA 12 image).

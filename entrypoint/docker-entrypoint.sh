@@ -51,9 +51,12 @@ run_supervisord() {
   local program grace conf
   program=$(program_for_role)
   mkdir -p "$SUPERVISOR_RUN_DIR"
-  # supervisord sends SIGKILL this long after SIGTERM: the node's own grace plus time to withdraw.
+  # supervisord sends SIGKILL this long after SIGTERM: the node's drain (rank 0 lets the requests in
+  # flight finish), its engine's grace, plus time to withdraw. The container's stop timeout must be at
+  # least this (docs/operations.md).
   grace=${FLEET_STOP_GRACE:-30}
-  export SUPERVISOR_STOPWAIT=$(( ${grace%.*} + 15 ))
+  drain=${FLEET_DRAIN_TIMEOUT:-30}
+  export SUPERVISOR_STOPWAIT=$(( ${grace%.*} + ${drain%.*} + 15 ))
   conf="$SUPERVISOR_RUN_DIR/supervisord.conf"
   cat "$SUPERVISOR_DIR/supervisord.conf" "$SUPERVISOR_DIR/$program.conf" >"$conf"
   exec "$FLEET_HOME/bin/python" "$SUPERVISOR_DIR/pid1.py" -c "$conf"

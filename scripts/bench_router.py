@@ -9,9 +9,9 @@ Everything real and on loopback: a Consul dev agent, node supervisors running si
 pickup:     engine ready (its /health turns 200, polled every 20 ms) -> first /generate through the
             router that succeeds. One-node regular group, sim startup delay 1.5 s, `--runs` times.
 withdrawal: kill -9 of rank 1 of a 2-node regular group (supervisor and engine) -> A no longer routes to it
-            (draining or gone) and no longer lists it; B (manifest unchanged: nobody tells it) marks it
-            unhealthy / removes it through its own health checks with smg's defaults, waited for up to
-            `--health-wait` seconds.
+            (draining or gone) and no longer lists it (`--withdrawal-runs` times); in the first run also B
+            (manifest unchanged: nobody tells it) marking it unhealthy / removing it through its own health
+            checks with smg's defaults, waited for up to `--health-wait` seconds.
 
 Prints one JSON document (and writes it to --out). Run: .venv/bin/python scripts/bench_router.py
 """
@@ -153,6 +153,11 @@ class Bench:
         self.procs.append(proc)
         return proc, f"http://{addr}:{port}"
 
+    def passing(self, group: str) -> bool:
+        status, body = http("GET", f"http://127.0.0.1:{self.consul_port}/v1/health/service/sglang?passing=1"
+                            f"&tag=cluster:{self.cluster}", timeout=2)
+        return status == 200 and any(e["Service"]["Meta"].get("group") == group for e in body or [])
+
     def kill9(self, proc: subprocess.Popen) -> None:
         for pid in descendants(proc.pid) | {proc.pid}:
             try:
@@ -202,8 +207,12 @@ def measure_pickup(bench: Bench, a: str, b: str, manifest: Path, n: int, timeout
         t = wait_for(lambda: generate_ok(router), timeout)
         result[key] = None if t is None else round(t - t_ready, 3)
 
+    def registered() -> None:  # the node's part: engine ready -> its service passes in Consul
+        t = wait_for(lambda: bench.passing(name), timeout)
+        result["consul_passing_s"] = None if t is None else round(t - t_ready, 3)
+
     threads = [threading.Thread(target=watch, args=("consul_router_s", a)),
-               threading.Thread(target=watch, args=("file_discovery_s", b))]
+               threading.Thread(target=watch, args=("file_discovery_s", b)), threading.Thread(target=registered)]
     for t in threads:
         t.start()
     for t in threads:
@@ -219,15 +228,17 @@ def measure_pickup(bench: Bench, a: str, b: str, manifest: Path, n: int, timeout
     return result
 
 
-def measure_withdrawal(bench: Bench, a: str, b: str, manifest: Path, health_wait: float) -> dict:
-    r0, url = bench.start_node("wd-n0", "wd", nnodes=2, rank=0)
-    r1, _ = bench.start_node("wd-n1", "wd", nnodes=2, rank=1)
+def measure_withdrawal(bench: Bench, a: str, b: str, manifest: Path, n: int, health_wait: float) -> dict:
+    """With health_wait 0 only the Consul router is watched (smg's own checks take minutes)."""
+    group = f"wd{n}"
+    r0, url = bench.start_node(f"{group}-n0", group, nnodes=2, rank=0)
+    r1, _ = bench.start_node(f"{group}-n1", group, nnodes=2, rank=1)
     if wait_for(lambda: http("GET", url + "/health", timeout=1)[0] == 200, 120) is None:
-        return {"error": f"group wd ({url}) never became ready"}
-    write_manifest(manifest, [{"id": "wd", "url": url, "worker_type": "regular"}])
+        return {"error": f"group {group} ({url}) never became ready"}
+    write_manifest(manifest, [{"id": group, "url": url, "worker_type": "regular"}] if health_wait else [])
     ready = lambda r: (w := listed(r, url)) is not None and w.get("status") == "ready" and w.get("is_healthy")
-    if wait_for(lambda: ready(a) and ready(b), 60, 0.1) is None:
-        return {"error": "the routers did not both list group wd"}
+    if wait_for(lambda: ready(a) and (ready(b) or not health_wait), 60, 0.1) is None:
+        return {"error": f"the routers did not list group {group}"}
     time.sleep(1.0)
     t_kill = time.monotonic()
     bench.kill9(r1)
@@ -244,16 +255,20 @@ def measure_withdrawal(bench: Bench, a: str, b: str, manifest: Path, health_wait
     threads = [
         threading.Thread(target=watch, args=("consul_router_unrouted_s", a, not_routed, 60)),
         threading.Thread(target=watch, args=("consul_router_unlisted_s", a, lambda r: listed(r, url) is None, 60)),
-        threading.Thread(target=watch, args=("smg_health_unrouted_s", b, not_routed, health_wait)),
-        threading.Thread(target=watch, args=("smg_health_unlisted_s", b, lambda r: listed(r, url) is None,
-                                             health_wait)),
     ]
+    if health_wait:
+        threads += [
+            threading.Thread(target=watch, args=("smg_health_unrouted_s", b, not_routed, health_wait)),
+            threading.Thread(target=watch, args=("smg_health_unlisted_s", b, lambda r: listed(r, url) is None,
+                                                 health_wait)),
+        ]
+        out["smg_health_wait_s"] = health_wait
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    out["smg_health_wait_s"] = health_wait
     bench.kill9(r0)
+    write_manifest(manifest, [])
     return out
 
 
@@ -268,6 +283,7 @@ def summary(values: list[float | None]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="pickup measurements (default 3)")
+    ap.add_argument("--withdrawal-runs", type=int, default=3, help="withdrawal measurements (default 3)")
     ap.add_argument("--health-wait", type=float, default=240.0,
                     help="seconds to wait for smg's own health checks to drop a dead worker (default 240)")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
@@ -283,7 +299,9 @@ def main() -> int:
                     60, 0.1) is None:
             raise SystemExit(f"the routers did not start; logs in {work}")
         pickups = [measure_pickup(bench, a, b, manifest, i) for i in range(args.runs)]
-        withdrawal = measure_withdrawal(bench, a, b, manifest, args.health_wait)
+        # smg's own health checks are watched in the first run only (they take minutes).
+        withdrawals = [measure_withdrawal(bench, a, b, manifest, i, args.health_wait if i == 0 else 0)
+                       for i in range(args.withdrawal_runs)]
     finally:
         bench.cleanup()
     result = {
@@ -295,9 +313,15 @@ def main() -> int:
                      "smg_health_checks": "defaults (interval 60 s, failure threshold 3)"},
         "pickup_s": {"consul_router": summary([p.get("consul_router_s") for p in pickups]),
                      "file_discovery": summary([p.get("file_discovery_s") for p in pickups])},
-        "withdrawal_s": {k: withdrawal.get(k) for k in ("consul_router_unrouted_s", "consul_router_unlisted_s",
-                                                        "smg_health_unrouted_s", "smg_health_unlisted_s")},
-        "runs": {"pickup": pickups, "withdrawal": withdrawal},
+        "pickup_consul_passing_s": summary([p.get("consul_passing_s") for p in pickups]),
+        "withdrawal_s": {
+            "consul_router_unrouted": summary([w.get("consul_router_unrouted_s") for w in withdrawals]),
+            "consul_router_unlisted": summary([w.get("consul_router_unlisted_s") for w in withdrawals]),
+            "smg_health_unrouted": withdrawals[0].get("smg_health_unrouted_s"),
+            "smg_health_unlisted": withdrawals[0].get("smg_health_unlisted_s"),
+            "smg_health_waited": args.health_wait,
+        },
+        "runs": {"pickup": pickups, "withdrawal": withdrawals},
         "logs": str(work),
     }
     text = json.dumps(result, indent=2)

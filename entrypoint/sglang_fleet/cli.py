@@ -8,9 +8,9 @@ from sglang_fleet import __version__, logs
 from sglang_fleet.config import EX_CONFIG, ConfigError, load_config
 
 
-def _load_or_exit():
+def _load_or_exit(cluster_only: bool = False):
     try:
-        return load_config()
+        return load_config(cluster_only=cluster_only)
     except ConfigError as e:
         # One report, no traceback, nothing started.
         print(f"sglang-fleet: configuration error ({len(e.problems)} problem"
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
-    cfg = _load_or_exit()
+    # `status` only reads Consul: it needs the cluster, not a node's model and sizes.
+    cfg = _load_or_exit(cluster_only=args.command == "status")
     logs.configure(cfg.log_format)
     if args.command == "plan":
         from sglang_fleet import launch

@@ -216,6 +216,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ready_timeout", _float, 1800.0, "Seconds the engine may take to become ready (model loading).",
             "3600"),
     Setting("stop_grace", _float, 30.0, "Seconds between SIGTERM and SIGKILL when stopping the engine.", "30"),
+    Setting("drain_timeout", _float, 30.0, "On a graceful stop (SIGTERM of any member), most seconds rank 0 "
+            "waits, after withdrawing its serving registration, for the requests in flight to finish before the "
+            "engine is stopped; 0 stops at once. A container's stop timeout must be at least drain_timeout + "
+            "stop_grace + 15.", "60"),
     Setting("start_attempts", _int, 3, "Engine start attempts (exit before ready, or not ready in time) "
             "before the generation is given up.", "3"),
     Setting("max_failures", _int, 5, "Consecutive failed generations caused by this node before it goes "
@@ -299,6 +303,7 @@ class FleetConfig:
     sysfs_root: str = "/sys"
     ready_timeout: float = 1800.0
     stop_grace: float = 30.0
+    drain_timeout: float = 30.0
     start_attempts: int = 3
     max_failures: int = 5
     backoff_base: float = 1.0
@@ -400,8 +405,11 @@ def _merge_engine_args(base: tuple, raw: Any, label: str, problems: list[str]) -
     return tuple(merged.items())
 
 
-def load_config(env: Mapping[str, str] | None = None) -> FleetConfig:
-    """Builds the configuration from preset <- FLEET_CONFIG file <- FLEET_* environment."""
+def load_config(env: Mapping[str, str] | None = None, *, cluster_only: bool = False) -> FleetConfig:
+    """Builds the configuration from preset <- FLEET_CONFIG file <- FLEET_* environment.
+
+    cluster_only: skip the checks of a node's own engine settings (for `status`, which only reads Consul).
+    """
     env = os.environ if env is None else env
     problems: list[str] = []
     layers: list[tuple[str, dict]] = []  # (source label prefix, raw values)
@@ -449,18 +457,18 @@ def load_config(env: Mapping[str, str] | None = None) -> FleetConfig:
         problems.append(f"CONSUL_HTTP_ADDR={consul.http_addr!r}: expected host:port or http(s)://host:port")
 
     cfg = FleetConfig(**values, consul=consul)
-    problems.extend(validate(cfg))
+    problems.extend(validate(cfg, cluster_only=cluster_only))
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-def validate(cfg: FleetConfig) -> list[str]:
+def validate(cfg: FleetConfig, cluster_only: bool = False) -> list[str]:
     """Cross-field checks (sglang_fleet.validation). Each message names the variable, the value and
     what is allowed."""
     from sglang_fleet.validation import validate_config  # it imports this module's names
 
-    return validate_config(cfg)
+    return validate_config(cfg, cluster_only=cluster_only)
 
 
 def describe_settings() -> list[dict[str, str]]:

@@ -19,6 +19,12 @@ States (supervisord's process.py, plus UNHEALTHY for an engine that is alive but
   start_with_retries: failed attempt -> BACKOFF -> STARTING ...; attempts spent -> FATAL.
 EXITED and UNHEALTHY are local failures: the node loop ends the generation and calls stop().
 
+The engine never outlives its supervisor: on Linux it is spawned with PR_SET_PDEATHSIG=SIGKILL, so a
+kill -9 of the supervisor kills it too (SGLang's own scheduler/detokenizer processes do the same towards
+launch_server). The kernel ties that signal to the *thread* that forked, not the process: call start()
+(and start_with_retries()) only from a thread that lives as long as the engine should, i.e. the node
+loop's thread (the main thread in `sglang-fleet node`), never from a short-lived helper thread.
+
 Readiness: rank 0 when GET /health answers 200 (SGLang runs a one-token generation there); ranks > 0
 when the process is alive and its dummy health server (same port) answers 200. While RUNNING only rank
 0's /health is probed (every 5 s, 3 failures in a row = stuck). Probes run in a helper
@@ -40,6 +46,8 @@ from typing import Any, Mapping, Protocol
 import structlog
 import tenacity
 
+from sglang_fleet import process_group as pg
+
 PROBE_INTERVAL = 0.5  # seconds between readiness probes while STARTING
 PROBE_TIMEOUT = 20.0  # SGLang's /health generates one token; a busy server may take a while
 HEALTH_INTERVAL = 5.0  # seconds between /health probes while RUNNING (rank 0)
@@ -48,7 +56,6 @@ KILL_WAIT = 5.0  # seconds to wait for the group to vanish after SIGKILL
 
 # No proxy: the probe always goes to this host's own engine.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
 
 class EngineState(enum.Enum):
     STOPPED = "STOPPED"
@@ -163,7 +170,8 @@ class Engine:
     # -- start -------------------------------------------------------------------------------
 
     def start(self, launch: Launch) -> str:
-        """Spawns the engine in its own session (its own process group). Never blocks on it."""
+        """Spawns the engine in its own session (its own process group), to be SIGKILLed by the kernel
+        when the calling thread ends (see the module docstring). Never blocks on it."""
         if self._run is not None and self._run.proc.poll() is None:
             raise RuntimeError(f"engine pid {self._run.proc.pid} is still running; stop() it first")
         self._release()
@@ -171,7 +179,8 @@ class Engine:
         try:
             proc = subprocess.Popen(list(launch.argv), env=dict(launch.env), start_new_session=True,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, close_fds=True)
+                                    stderr=subprocess.PIPE, close_fds=True,
+                                    preexec_fn=pg.die_with_parent_thread(os.getpid()))
         except OSError as e:
             return self._change(EngineState.EXITED, f"engine could not be started: {e}")
         run = _Run(proc=proc, pgid=proc.pid, started_at=time.monotonic())
@@ -288,12 +297,12 @@ class Engine:
         self._change(EngineState.STOPPING, f"stopping engine pid {run.proc.pid}: SIGTERM to its "
                      f"process group, {grace:g} s grace")
         began = time.monotonic()
-        _signal_group(run.pgid, signal.SIGTERM)
+        pg.signal_group(run.pgid, signal.SIGTERM)
         how = "after SIGTERM"
-        if not _wait_group_gone(run, began + grace):
-            _signal_group(run.pgid, signal.SIGKILL)
+        if not pg.wait_group_gone(run.proc, run.pgid, began + grace):
+            pg.signal_group(run.pgid, signal.SIGKILL)
             how = f"with SIGKILL after {grace:g} s grace"
-            if not _wait_group_gone(run, time.monotonic() + KILL_WAIT):
+            if not pg.wait_group_gone(run.proc, run.pgid, time.monotonic() + KILL_WAIT):
                 how += f"; process group {run.pgid} still has live members"
         self.returncode = run.proc.wait()
         self._release()
@@ -327,62 +336,6 @@ def _pump(stream, name: str, log) -> None:
             log.info("engine_output", stream=name, line=raw.decode("utf-8", "replace").rstrip("\r\n"))
     except (OSError, ValueError):  # the pipe was closed under us by stop()
         pass
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass  # the whole group is gone already
-
-
-def _group_alive(pgid: int) -> bool:
-    """True while any non-zombie process is in the group (zombies reparented to a PID 1 that does not
-    reap would otherwise keep a group 'alive' forever)."""
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        entries = None
-    if entries is None:
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
-
-
-def _wait_group_gone(run: _Run, deadline: float) -> bool:
-    while True:
-        if run.proc.poll() is not None:  # reap our own child first: it counts while a zombie
-            _reap_orphans(run.pgid)
-        if not _group_alive(run.pgid):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-
-
-def _reap_orphans(pgid: int) -> None:
-    """When we are PID 1 or a subreaper, orphaned engine processes become our children: reap them."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-pgid, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
 
 
 __all__ = ["Engine", "EngineState", "EngineStartFailed", "EngineStartCancelled", "FAILED_STATES", "probe"]

@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds = float(slowest.item())
             algbw = size / seconds / 1e9
             if a.report:
-                emit("allreduce", size=size, time_us=round(seconds * 1e6, 2), algbw_GBps=round(algbw, 3),
-                     busbw_GBps=round(algbw * 2 * (n_ranks - 1) / n_ranks, 3), correct=correct)
+                emit("allreduce", size=size, time_us=round(seconds * 1e6, 2), algbw_GBps=round(algbw, 4),
+                     busbw_GBps=round(algbw * 2 * (n_ranks - 1) / n_ranks, 4), correct=correct)
             del buf
         dist.barrier()
         dist.destroy_process_group()

@@ -1,13 +1,12 @@
 """`sglang-fleet nccl-check`: a preflight all-reduce across a group, set up exactly as the engine would be.
 
-Run it on every host of a group with the group's FLEET_* settings. It joins the group's rendezvous in Consul
-under its own group name `<group>-nccl-check` (a serving group is never touched), gets its rank and the
-dist-init address the same way `node` does, builds the engine environment with `launch.build_launch` (the
-NCCL/GLOO profile, NCCL_SOCKET_IFNAME, ...), and starts one all-reduce process per local GPU
-(nccl_allreduce.py, under FLEET_ENGINE_PYTHON) with that environment: torch.distributed NCCL init via
-`tcp://<dist-init addr>`, all-reduce from 8 B to 256 MiB, every sum checked, bandwidths as nccl-tests
-reports them. Then it ends its generation (one member wins the txn), destroys its session and withdraws
-its heartbeat. Exit 0 when every sum was right; 1 with a one-line reason otherwise.
+Run on every host of a group with the group's FLEET_* settings. It joins the rendezvous in Consul as group
+`<group>-nccl-check` (a serving group is never touched), gets rank and dist-init address as `node` does,
+builds the engine environment with `launch.build_launch` (NCCL/GLOO profile, NCCL_SOCKET_IFNAME, ...) and
+runs one nccl_allreduce.py worker per local GPU under FLEET_ENGINE_PYTHON with it: NCCL init via
+`tcp://<dist-init addr>`, all-reduce 8 B..256 MiB, every sum checked, bandwidths as nccl-tests reports them.
+Then it ends its generation, destroys its session and withdraws its heartbeat. Exit 0 when every sum was
+right; 1 with a one-line reason otherwise.
 """
 from __future__ import annotations
 
@@ -44,14 +43,14 @@ def parse_bytes(text: str) -> int:
     return int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
 
 
-def visible_gpus(env=os.environ) -> int:
-    """GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else /dev/nvidia<N> or nvidia-smi."""
+def visible_gpus() -> int:
+    """GPUs this process may use: /dev/nvidia<N> or nvidia-smi, limited by CUDA_VISIBLE_DEVICES."""
     from sglang_fleet.doctor import Host, count_gpus  # lazily: doctor is large
     found, _ = count_gpus(Host())
-    if "CUDA_VISIBLE_DEVICES" in env:
-        listed = len([d for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
-        return min(listed, found) if found else listed
-    return found
+    if "CUDA_VISIBLE_DEVICES" not in os.environ:
+        return found
+    listed = len([d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
+    return min(listed, found) if found else listed
 
 
 def check_config(cfg: FleetConfig, dist_port: int | None) -> FleetConfig:
@@ -75,7 +74,12 @@ class Check:
         self.heartbeat = reg.Heartbeat(cfg, self.addr, self.stop)
         self.deadline = time.monotonic() + args.timeout
         self.session: str | None = None
+        self.generation: int | None = None
+        self.rank: int | None = None
+        self.procs: list[subprocess.Popen] = []
         self.last = ""
+        self.records: list[dict] = []  # from every worker; list.append is atomic
+        self.pumps: list[threading.Thread] = []
 
     def say(self, sentence: str) -> None:
         if sentence and sentence != self.last:
@@ -85,8 +89,7 @@ class Check:
     def left(self) -> float:
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise CheckFailed(f"timed out after {self.args.timeout:g} s (--timeout); "
-                              f"last: {self.last}")
+            raise CheckFailed(f"timed out after {self.args.timeout:g} s (--timeout); last: {self.last}")
         return left
 
     def join(self) -> rdv.Assignment:
@@ -95,42 +98,58 @@ class Check:
             self.left()
             self.say(f"waiting for the heartbeat check in Consul {self.api.address}"
                      + (f" ({self.heartbeat.last_error})" if self.heartbeat.last_error else ""))
-        generation, rank, index = None, None, 0
+        index = 0
         while True:
             self.left()
-            view = self.rdv.read(index=index, wait="2s")
-            index = 0  # after an action read again at once; a wait sets it below
-            if view.generation is None:
-                self.rdv.ensure_generation()
-            elif self.session is None:
-                self.session, generation = self.rdv.create_session(self.heartbeat.check_id), view.generation
-                self.say(f"joined generation {generation} of {self.cfg.group}")
-            elif view.generation != generation:
-                ended = view.ended.get(generation) or {}
-                self.say(f"generation {generation} ended ({ended.get('by')}: {ended.get('reason')}); rejoining")
-                self.api.session_destroy(self.session)
-                self.session, rank = None, None
-            elif rank is None or view.rank_of(self.session) is None:
-                rank, sentence = self.rdv.claim_rank(view, self.session)
-                self.say(sentence)
-                index = 0 if rank is not None else view.index
-            elif rank == 0 and view.leader is None:
-                self.say(self.rdv.publish_leader(view, self.session))
-            else:
-                passed, sentence = rdv.barrier(view, generation, self.cfg.nnodes)
-                self.say(sentence)
-                if not passed:
-                    index = view.index
-                    continue
-                problems = rdv.fingerprint_mismatches(view, self.rdv.fingerprint, self.cfg.node_name)
-                mine = self.rdv.fingerprint["nccl_check"]
-                problems += [f"{m.node} (rank {m.rank}) runs {m.fingerprint.get('nccl_check')}, this node {mine}"
-                             for m in view.members.values() if m.fingerprint.get("nccl_check") != mine]
-                if problems:
-                    raise CheckFailed("the group does not agree: " + "; ".join(problems))
-                return self.rdv.assignment(view, rank)
+            try:
+                view = self.rdv.read(index=index, wait="2s")
+                index = 0  # after an action read again at once; waiting returns the index to wait on
+                done = self.step(view)
+            except ca.ConsulConflict as exc:  # somebody changed the group between our read and our write
+                self.say(f"lost a race in Consul ({exc}); re-reading")
+                continue
+            except ca.ConsulUnavailable as exc:
+                self.say(f"Consul unavailable ({exc}); retrying")
+                time.sleep(1.0)
+                continue
+            if isinstance(done, rdv.Assignment):
+                return done
+            index = done
 
-    def spawn(self, a: rdv.Assignment) -> list[subprocess.Popen]:
+    def step(self, view: rdv.GroupView) -> rdv.Assignment | int:
+        """One action toward the barrier: the Assignment once passed, else the index to wait on (0: none)."""
+        if view.generation is None:
+            self.rdv.ensure_generation()
+        elif self.session is None:
+            self.session, self.generation = self.rdv.create_session(self.heartbeat.check_id), view.generation
+            self.say(f"joined generation {self.generation} of {self.cfg.group}")
+        elif view.generation != self.generation:
+            ended = view.ended.get(self.generation) or {}
+            self.say(f"generation {self.generation} ended ({ended.get('by')}: {ended.get('reason')}); rejoining")
+            self.api.session_destroy(self.session)
+            self.session = self.rank = None
+        elif self.rank is None or view.rank_of(self.session) is None:
+            self.rank, sentence = self.rdv.claim_rank(view, self.session)
+            self.say(sentence)
+            return view.index if self.rank is None else 0
+        elif self.rank == 0 and view.leader is None:
+            self.say(self.rdv.publish_leader(view, self.session))
+        else:
+            passed, sentence = rdv.barrier(view, self.generation, self.cfg.nnodes)
+            self.say(sentence)
+            if not passed:
+                return view.index
+            problems = rdv.fingerprint_mismatches(view, self.rdv.fingerprint, self.cfg.node_name)
+            mine = self.rdv.fingerprint["nccl_check"]
+            problems += [f"{m.node} (rank {m.rank}) runs {m.fingerprint.get('nccl_check')}, this node {mine}"
+                         for m in view.members.values() if m.fingerprint.get("nccl_check") != mine]
+            if problems:
+                raise CheckFailed("the group does not agree: " + "; ".join(problems))
+            return self.rdv.assignment(view, self.rank)
+        return 0
+
+    def spawn(self, a: rdv.Assignment) -> None:
+        """One worker per local GPU, with the engine's environment (launch.build_launch)."""
         spec = launch.build_launch(self.cfg, a.rank, a.nnodes, a.dist_init_addr, self.addr)
         for note in spec.warnings:
             self.log.info(f"launch note: {note}")
@@ -138,50 +157,60 @@ class Check:
         host, _, port = a.dist_init_addr.rpartition(":")
         init = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
         world = a.nnodes * self.gpus
-        procs = []
         for local in range(self.gpus):
             argv = [self.cfg.engine_python, str(WORKER), "--init-method", init, "--world-size", str(world),
                     "--rank", str(a.rank * self.gpus + local), "--local-rank", str(local),
                     "--backend", self.args.backend, "--min-bytes", str(self.args.min_bytes),
                     "--max-bytes", str(self.args.max_bytes), "--iters", str(self.args.iters),
                     "--timeout", str(int(self.left()))] + (["--report"] if local == 0 else [])
-            procs.append(subprocess.Popen(argv, env={**spec.env, "LOCAL_RANK": str(local)}, stdout=subprocess.PIPE,
-                                          stdin=subprocess.DEVNULL, text=True, start_new_session=True))
+            proc = subprocess.Popen(argv, env={**spec.env, "LOCAL_RANK": str(local)}, stdout=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+            self.procs.append(proc)
+            self.pumps.append(threading.Thread(target=self._pump, args=(proc,), name=f"pump-{local}", daemon=True))
+            self.pumps[-1].start()
         self.say(f"rank {a.rank} of {a.nnodes}: {self.args.backend} all-reduce over {world} process(es) "
                  f"({self.gpus} here) via {init}")
-        return procs
 
-    def watch(self, a: rdv.Assignment, procs: list[subprocess.Popen]) -> None:
-        """Waits for the processes; stops them at the deadline or some seconds after a peer left."""
-        gone_at = None
-        while any(p.poll() is None for p in procs):
-            if time.monotonic() > self.deadline or (gone_at and time.monotonic() - gone_at > DEPARTURE_GRACE):
-                for p in procs:
-                    if p.poll() is None:
-                        os.killpg(p.pid, signal.SIGKILL)
-                gone = ", ".join(f"{m.node} (rank {m.rank})" for m in rdv.departures(self.rdv.read(), a))
-                raise CheckFailed(f"{self.args.backend} all-reduce did not finish "
-                                  + (f"after peer {gone} left" if gone_at else
-                                     f"within {self.args.timeout:g} s: is {a.dist_init_addr} reachable from every "
-                                     f"node, and NCCL_SOCKET_IFNAME={self.env.get('NCCL_SOCKET_IFNAME')} right?"))
-            if gone_at is None and rdv.departures(self.rdv.read(), a):
-                gone_at = time.monotonic()
+    def _pump(self, proc: subprocess.Popen) -> None:
+        """Keeps the worker's JSON records; the rest of its stdout is NCCL's log (NCCL_DEBUG): to stderr."""
+        for line in proc.stdout:
+            if line.startswith('{"record"'):
+                self.records.append(json.loads(line))
+            else:
+                sys.stderr.write(line)
+        sys.stderr.flush()
+
+    def watch(self, a: rdv.Assignment) -> None:
+        """Waits for the workers; stops them at the deadline or some seconds after a peer left."""
+        gone, gone_at = "", 0.0
+        while any(p.poll() is None for p in self.procs):
+            if time.monotonic() > self.deadline or (gone and time.monotonic() - gone_at > DEPARTURE_GRACE):
+                raise CheckFailed(f"{self.args.backend} all-reduce did not finish " + (
+                    f"after {gone} left the check" if gone else
+                    f"within {self.args.timeout:g} s: is {a.dist_init_addr} reachable from every node, and "
+                    f"NCCL_SOCKET_IFNAME={self.env.get('NCCL_SOCKET_IFNAME')} right?"))
+            try:
+                if not gone:
+                    gone = ", ".join(f"{m.node} (rank {m.rank})" for m in rdv.departures(self.rdv.read(), a))
+                    gone_at = time.monotonic()
+            except ca.ConsulError:
+                pass  # the workers are the answer; Consul only explains a peer's absence
             time.sleep(0.5)
 
-    def collect(self, a: rdv.Assignment, procs: list[subprocess.Popen], began: float) -> dict:
-        records = [json.loads(line) for p in procs for line in p.stdout.read().splitlines()
-                   if line.startswith('{"record"')]
-        sizes = [r for r in records if r["record"] == "allreduce"]
+    def collect(self, a: rdv.Assignment, began: float) -> dict:
+        for pump in self.pumps:
+            pump.join(timeout=10)
+        sizes = [r for r in self.records if r["record"] == "allreduce"]
         for r in sizes:
             print(json.dumps(r) if self.args.json else
                   f"{r['size']:>12} B {r['time_us']:>11.1f} us {r['algbw_GBps']:>9.2f} GB/s algbw "
                   f"{r['busbw_GBps']:>9.2f} GB/s busbw  {'ok' if r['correct'] else 'WRONG'}", flush=True)
-        done = [r for r in records if r["record"] == "done"]
-        errors = [r["reason"] for r in records if r["record"] == "error"]
-        errors += [f"process {i} exited with {p.returncode}" for i, p in enumerate(procs)
+        done = [r for r in self.records if r["record"] == "done"]
+        errors = [r["reason"] for r in self.records if r["record"] == "error"]
+        errors += [f"worker {i} exited with {p.returncode}" for i, p in enumerate(self.procs)
                    if p.returncode and not errors]
         first = done[0] if done else {}
-        return {"record": "summary", "ok": not errors and len(done) == len(procs), "node": self.cfg.node_name,
+        return {"record": "summary", "ok": not errors and len(done) == len(self.procs), "node": self.cfg.node_name,
                 "group": self.cfg.group, "generation": a.generation, "rank": a.rank, "nnodes": a.nnodes,
                 "dist_init_addr": a.dist_init_addr, "world_size": a.nnodes * self.gpus, "gpus_per_node": self.gpus,
                 "backend": self.args.backend, "sizes": len(sizes), "all_correct": bool(sizes) and all(
@@ -191,7 +220,13 @@ class Check:
                 "env": {k: v for k, v in sorted(self.env.items()) if k.startswith(SHOWN_ENV)}}
 
     def finish(self, reason: str, failed: bool) -> None:
-        """Ends the generation (one member wins), destroys the session, withdraws the heartbeat."""
+        """Stops leftover workers, ends the generation (one member wins), destroys the session, withdraws
+        the heartbeat."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)  # a second signal ends the clean-up too
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
         try:
             view = self.rdv.read()
             if self.session and view.rank_of(self.session) is not None:
@@ -210,14 +245,16 @@ class Check:
 
     def run(self) -> int:
         began = time.monotonic()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # stopped: still clean up Consul and the workers
+            signal.signal(sig, _stopped)
         self.heartbeat.start()
         summary, failure = None, None
         try:
             a = self.join()
             self.say(f"barrier passed: rank {a.rank} of {a.nnodes}, dist-init {a.dist_init_addr}")
-            procs = self.spawn(a)
-            self.watch(a, procs)
-            summary = self.collect(a, procs, began)
+            self.spawn(a)
+            self.watch(a)
+            summary = self.collect(a, began)
             failure = None if summary["ok"] else "; ".join(summary["errors"]) or "no result"
         except CheckFailed as exc:
             failure = str(exc)
@@ -240,19 +277,22 @@ class Check:
         return 0
 
 
+def _stopped(signum, _frame):
+    raise CheckFailed(f"stopped by {signal.Signals(signum).name}")
+
+
 def run(cfg: FleetConfig, args) -> int:
     """`sglang-fleet nccl-check` (cli.py: gpus_per_node, backend, min_bytes, max_bytes, iters, timeout,
     dist_port, json)."""
     try:
-        args.min_bytes, args.max_bytes = parse_bytes(args.min_bytes), parse_bytes(args.max_bytes)
+        lo, hi = parse_bytes(args.min_bytes), parse_bytes(args.max_bytes)
     except (ValueError, IndexError):
-        print(f"sglang-fleet: configuration error: --min-bytes={args.min_bytes!r} / --max-bytes={args.max_bytes!r}: "
-              f"expected a byte count such as 8, 64K, 256M or 1G", file=sys.stderr)
+        lo = hi = 0
+    if not 4 <= lo <= hi:
+        print(f"sglang-fleet: configuration error: --min-bytes={args.min_bytes!r} --max-bytes={args.max_bytes!r}: "
+              f"need byte counts such as 8, 64K, 256M or 1G with 4 <= min <= max", file=sys.stderr)
         return EX_CONFIG
-    if not 4 <= args.min_bytes <= args.max_bytes:
-        print(f"sglang-fleet: configuration error: --min-bytes={args.min_bytes} --max-bytes={args.max_bytes}: "
-              f"need 4 <= min <= max", file=sys.stderr)
-        return EX_CONFIG
+    args.min_bytes, args.max_bytes = lo, hi
     try:
         check_cfg = check_config(cfg, args.dist_port)
         wanted = args.gpus_per_node or cfg.gpus_per_node

@@ -4,8 +4,12 @@ One thread decides (`Node.run_cycle`). Each cycle reads a fresh view of the grou
 action and returns a sentence ("waiting for peers 1/2 in generation 3", "rank 1 of 2, engine ready",
 "peer node-b (rank 1) left; ending generation 3") that is logged when it changes. Helpers only observe:
 the heartbeat thread passes TTL checks (registration.py), the watcher thread holds a blocking query on
-the group's keys and wakes the loop, the engine's threads pump output and probe /health (engine.py).
-Signal handlers only set a flag.
+the group's keys and wakes the loop (watch.py), the engine's threads pump output and probe /health
+(engine.py). Signal handlers only set a flag. The engine is only ever started from this loop's thread
+(the main thread): its PR_SET_PDEATHSIG is bound to the thread that forked it.
+
+The ways out (ending a generation, graceful stop with its drain, shutdown) are in leaving.py; a graceful
+stop lets the requests in flight finish before any engine of the group stops (docs/protocol-notes.md).
 
 Failures: only this node's own engine failing spends its restart budget; a peer leaving or a generation
 ended by somebody else does not. Consul errors are retried with backoff and never read as a peer leaving;
@@ -16,81 +20,26 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from dataclasses import dataclass
 
 import structlog
-import tenacity
 
 from sglang_fleet import consul_api as ca
+from sglang_fleet import drain as dr
 from sglang_fleet import launch, logs
 from sglang_fleet import registration as reg
 from sglang_fleet import rendezvous as rdv
 from sglang_fleet.config import EX_CONFIG, ConfigError, FleetConfig
 from sglang_fleet.engine import Engine, EngineState
+from sglang_fleet.leaving import EX_FATAL, Ending, Fatal, Leaving
+from sglang_fleet.watch import Watcher, backoff
 
-EX_FATAL = 1
 # After our own engine fails, wait this long for a peer's departure to show (its heartbeat TTL is 3 s):
 # when an NCCL peer dies, every survivor's engine aborts too, and that is the peer's failure, not ours.
 SETTLE_AFTER_ENGINE_FAILURE = 4.0
-WATCH_WAIT = "10s"
 RE_READ_EVERY = 5.0  # seconds; the watcher wakes us on every change, this is only a backstop
 
 
-class Fatal(Exception):
-    """This node gives up: withdraw everything, say why in one line, exit non-zero."""
-
-    def __init__(self, reason: str, code: int = EX_FATAL):
-        self.reason, self.code = reason, code
-        super().__init__(reason)
-
-
-def backoff(attempt: int, base: float, cap: float) -> float:
-    """tenacity's exponential backoff with jitter for the n-th consecutive failure (n >= 1)."""
-    if attempt < 1 or base <= 0:
-        return 0.0
-    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
-    state.attempt_number = attempt
-    return tenacity.wait_exponential_jitter(initial=base, max=cap, jitter=base / 2)(state)
-
-
-@dataclass
-class Ending:
-    """A generation this node is leaving; the steps run one per cycle."""
-    generation: int | None
-    reason: str
-    own_failure: bool
-
-
-class Watcher(threading.Thread):
-    """Holds a blocking query on the group's keys and wakes the loop on every change. Decides nothing."""
-
-    def __init__(self, cfg: FleetConfig, prefix: str, wake: threading.Event, stop: threading.Event):
-        super().__init__(name="watch", daemon=True)
-        self.cfg, self.prefix, self.wake, self.stop_event = cfg, prefix, wake, stop
-
-    def run(self) -> None:
-        api = ca.ConsulAPI(self.cfg.consul)
-        index, failures, last = 0, 0, None
-        try:
-            while not self.stop_event.is_set():
-                try:
-                    index, entries = api.kv_get_tree(self.prefix, index=index, wait=WATCH_WAIT)
-                    failures = 0
-                    # Compare data, not indexes: a watch on a missing prefix wakes on any KV write.
-                    data = [(e.key, e.value, e.session) for e in entries]
-                    if data != last:
-                        last = data
-                        self.wake.set()
-                except ca.ConsulError:
-                    failures += 1
-                    index = 0
-                    self.wake.set()  # the loop will see the error itself and say so
-                    self.stop_event.wait(backoff(failures, 0.5, 5.0))
-        finally:
-            api.close()
-
-
-class Node:
+class Node(Leaving):
     def __init__(self, cfg: FleetConfig, api: ca.ConsulAPI | None = None):
         self.cfg = cfg
         self.node_name = cfg.node_name
@@ -117,7 +66,15 @@ class Node:
         self.engine_failed_at: float | None = None
         self.restart_engine_at: float | None = None
         self.serving = False
+        self.serving_closed = False  # withdrawn for a drain: not registered again in this generation
+        self.drain: dr.Drain | None = None
+        self.drain_outcome: str | None = None  # how the last drain ended (rank 0)
+        self.drain_confirmed = False  # rank 0 wrote K/g<G>/drained
         self.ending: Ending | None = None
+        # Graceful stop:
+        self.stopping = False
+        self.stop_signals = 0
+        self.drain_wait_until: float | None = None  # a member > 0 waits for rank 0's drain until then
         # Across generations:
         self.failures = 0  # consecutive generations this node's engine failed
         self.last_failure = ""
@@ -138,9 +95,17 @@ class Node:
         last = None
         code = 0
         try:
-            while not self.stop_event.is_set():
+            while True:
+                if self.stop_event.is_set() and not self.stopping:
+                    self.stopping = True
+                    sentence = self._begin_stop()
+                    if sentence:
+                        self.log.info(sentence)
+                        last = sentence
+                if self.stopping and self.drain is None and self.drain_wait_until is None:
+                    break
                 try:
-                    sentence = self.run_cycle()
+                    sentence = self._stop_cycle() if self.stopping else self.run_cycle()
                     if self.consul_errors:
                         self.log.info(f"Consul answers again after {self.consul_errors} failed attempt(s)")
                     self.consul_errors = 0
@@ -190,6 +155,7 @@ class Node:
         self.idle_wait = seconds
 
     def request_stop(self, *_args) -> None:
+        self.stop_signals += 1  # a second signal cuts a drain short
         self.stop_event.set()
         self.wake.set()
 
@@ -261,6 +227,9 @@ class Node:
             names = ", ".join(f"{m.node} (rank {m.rank})" for m in gone)
             return self._end(view, f"peer {names} left; ending generation {g}", own_failure=False)
 
+        if self.rank == 0 and view.draining is not None and not self.drain_confirmed:
+            return self._drain_for_member(view)
+
         return self._supervise_engine(view)
 
     def _state_lost(self, view: rdv.GroupView) -> str | None:
@@ -302,7 +271,7 @@ class Node:
             self.engine_failed_at = None
             if self.engine_ready_at is None:
                 self.engine_ready_at = now
-            if self.rank == 0 and not self.serving:
+            if self.rank == 0 and not self.serving and not self.serving_closed:
                 reg.register_serving(self.api, self.cfg, self.addr, a.generation)
                 self.serving = True
                 self.heartbeat.pass_serving(reg.serving_ttl_check_id(self.cfg))
@@ -347,86 +316,6 @@ class Node:
         return (f"rank {a.rank} of {a.nnodes}: engine started (pid {self.engine.pid}, attempt "
                 f"{self.start_attempts}) in generation {a.generation}")
 
-    # ---- leaving a generation --------------------------------------------------------------------------
-    def _end(self, view: rdv.GroupView | None, reason: str, own_failure: bool, txn: bool = True) -> str:
-        """Ends (or leaves) the current generation; the clean-up steps follow, one per cycle."""
-        g = self.generation
-        sentence = reason
-        if txn and view is not None and view.generation == g:
-            cause = rdv.LOCAL_FAILURE if own_failure else rdv.PEER_LEFT
-            if not self.rdv.end_generation(view, reason, cause):
-                # Somebody else ended it first: then it was their event, not our failure.
-                own_failure = False
-                sentence = f"{reason} (generation {g} was already ended by a peer)"
-        self.ending = Ending(g, reason, own_failure)
-        if own_failure:
-            self.failures += 1
-        return sentence
-
-    def _step_ending(self) -> str:
-        e = self.ending
-        if self.serving:
-            return self._withdraw_serving()
-        if self.engine is not None and self.engine.state is not EngineState.STOPPED:
-            self.engine.stop()  # logs how it went
-            return f"engine of generation {e.generation} stopped"
-        if self.session is not None:
-            session, self.session = self.session, None
-            try:
-                self.api.session_destroy(session)
-            except ca.ConsulUnavailable:
-                pass  # it dies with the heartbeat check or is gone with Consul's state anyway
-            return f"left generation {e.generation} (session destroyed)"
-        self._reset_generation()
-        self.ending = None
-        if e.own_failure and self.failures >= self.cfg.max_failures:
-            raise Fatal(f"engine failed in {self.failures} consecutive generation(s), budget "
-                        f"FLEET_MAX_FAILURES={self.cfg.max_failures} spent; last: {self.last_failure}")
-        delay = backoff(self.failures, self.cfg.backoff_base, self.cfg.backoff_max)
-        self.resume_at = time.monotonic() + delay
-        budget = f"failure {self.failures}/{self.cfg.max_failures}" if self.failures else "no failure counted"
-        return f"restarting the group in {delay:.1f} s ({budget})"
-
-    def _withdraw_serving(self) -> str:
-        self.heartbeat.pass_serving(None)
-        self.serving = False
-        try:
-            self.api.deregister_service(reg.serving_id(self.cfg))
-        except ca.ConsulUnavailable as exc:
-            # Without its TTL passes the registration goes critical in 3 s; the engine must stop anyway.
-            return f"could not withdraw serving registration ({exc}); its TTL check lapses in 3 s"
-        return f"withdrew serving registration {reg.serving_id(self.cfg)}"
-
-    def _reset_generation(self) -> None:
-        self.generation = self.rank = self.assignment = self.engine = None
-        self.engine_ready_at = self.engine_failed_at = self.restart_engine_at = None
-        self.start_attempts = 0
-        structlog.contextvars.unbind_contextvars("generation", "rank")
-
-    # ---- shutdown --------------------------------------------------------------------------------------
-    def shutdown(self, why: str) -> None:
-        """Withdraw serving, stop the engine, destroy the session, deregister the heartbeat. Best effort."""
-        steps = []
-        if self.serving:
-            steps.append(self._withdraw_serving())
-        if self.engine is not None and self.engine.state is not EngineState.STOPPED:
-            steps.append(self.engine.stop())
-        if self.session:
-            try:
-                self.api.session_destroy(self.session)
-                steps.append("session destroyed")
-            except ca.ConsulError as exc:
-                steps.append(f"session not destroyed ({exc})")
-            self.session = None
-        self.helpers_stop.set()
-        self.heartbeat.join(timeout=3)
-        try:
-            self.api.deregister_service(reg.member_id(self.cfg))
-            steps.append("heartbeat deregistered")
-        except ca.ConsulError as exc:
-            steps.append(f"heartbeat not deregistered ({exc})")
-        self.log.info(f"{why}: " + "; ".join(steps))
-
 
 def run(cfg: FleetConfig) -> int:
     """`sglang-fleet node`."""
@@ -436,4 +325,4 @@ def run(cfg: FleetConfig) -> int:
     return node.run()
 
 
-__all__ = ["Node", "Fatal", "run", "backoff"]
+__all__ = ["EX_FATAL", "Ending", "Fatal", "Node", "backoff", "run"]

@@ -11,6 +11,9 @@ Keys, K = sglang-fleet/<cluster>/groups/<group>:
   K/g<G>/ranks/<r>    {"node", "addr", "fingerprint", "pid", "started"}, held with acquire=<session>
   K/g<G>/leader       {"dist_init_addr", "url", "bootstrap_port"}, locked by rank 0 in a txn
   K/g<G>/ended        {"reason", "by", "at", "cause"}, written in the txn that moves gen to G+1
+  K/g<G>/draining     {"by", "rank", "at"}: a member > 0 is stopping gracefully and asks rank 0 to drain
+  K/g<G>/drained      {"by", "at", "how"}: rank 0 has withdrawn its registration and drained (the asker goes on)
+Both drain keys are written in a txn that checks gen is still G (docs/protocol-notes.md).
 """
 from __future__ import annotations
 
@@ -79,6 +82,12 @@ class Keys:
     def ended(self, g: int) -> str:
         return f"{self.prefix}g{g}/ended"
 
+    def draining(self, g: int) -> str:
+        return f"{self.prefix}g{g}/draining"
+
+    def drained(self, g: int) -> str:
+        return f"{self.prefix}g{g}/drained"
+
 
 @dataclass(frozen=True)
 class Member:
@@ -100,6 +109,8 @@ class GroupView:
     members: Mapping[int, Member]  # rank -> holder, current generation only, only keys held by a session
     leader: Mapping[str, Any] | None
     ended: Mapping[int, Mapping[str, Any]]  # generation -> its `ended` record
+    draining: Mapping[str, Any] | None = None  # current generation: a member asked rank 0 to drain
+    drained: Mapping[str, Any] | None = None  # current generation: rank 0 drained
 
     def sessions(self) -> dict[int, str]:
         return {r: m.session for r, m in self.members.items()}
@@ -137,7 +148,7 @@ def parse_view(keys: Keys, index: int, entries: list[ca.KVEntry]) -> GroupView:
         except ValueError:
             generation = None
     members: dict[int, Member] = {}
-    leader = None
+    leader = draining = drained = None
     ended: dict[int, Mapping[str, Any]] = {}
     for e in entries:
         rest = e.key[len(keys.prefix):]
@@ -152,6 +163,10 @@ def parse_view(keys: Keys, index: int, entries: list[ca.KVEntry]) -> GroupView:
             continue
         if tail == "leader" and e.session:
             leader = e.json() or {}
+        elif tail == "draining":
+            draining = e.json() or {}
+        elif tail == "drained":
+            drained = e.json() or {}
         elif tail.startswith("ranks/") and tail[6:].isdigit() and e.session:
             info = e.json() or {}
             members[int(tail[6:])] = Member(
@@ -159,7 +174,7 @@ def parse_view(keys: Keys, index: int, entries: list[ca.KVEntry]) -> GroupView:
                 session=e.session, fingerprint=info.get("fingerprint") or {}, pid=info.get("pid"),
                 started=info.get("started"))
     return GroupView(index=index, generation=generation, gen_index=gen_entry.modify_index if gen_entry else 0,
-                     members=members, leader=leader, ended=ended)
+                     members=members, leader=leader, ended=ended, draining=draining, drained=drained)
 
 
 # ---- pure decisions -------------------------------------------------------------------------------------
@@ -311,6 +326,26 @@ class Rendezvous:
         except ca.ConsulConflict:
             return False
         return True
+
+    def _set_in_generation(self, view: GroupView, key: str, record: dict[str, Any]) -> bool:
+        """Writes `key` only while gen is still the view's generation; False: it has moved on."""
+        try:
+            self.store.txn([ca.txn_check_index(self.keys.gen, view.gen_index), ca.txn_set(key, ca.dumps(record))])
+        except ca.ConsulConflict:
+            return False
+        return True
+
+    def request_drain(self, view: GroupView, rank: int) -> bool:
+        """A member > 0 stopping gracefully asks rank 0 to withdraw and drain first (K/g<G>/draining)."""
+        assert view.generation is not None
+        return self._set_in_generation(view, self.keys.draining(view.generation),
+                                       {"by": self.node, "rank": rank, "at": round(time.time(), 3)})
+
+    def confirm_drained(self, view: GroupView, how: str) -> bool:
+        """Rank 0 tells the asking member that it has withdrawn and drained (K/g<G>/drained)."""
+        assert view.generation is not None
+        return self._set_in_generation(view, self.keys.drained(view.generation),
+                                       {"by": self.node, "at": round(time.time(), 3), "how": how})
 
     def assignment(self, view: GroupView, rank: int) -> Assignment:
         assert view.generation is not None and view.leader is not None

@@ -1,7 +1,8 @@
 """HTTP surface of the sim engine: what the router (smg) and users touch on a SGLang server.
 
 Rank 0 (EngineHandler): /health /health_generate /ready (503 until ready), /server_info /get_server_info,
-/model_info /get_model_info, /v1/models, /metrics, /get_load, POST /generate, /v1/completions,
+/model_info /get_model_info, /v1/models, /metrics, /v1/loads (SGLang 0.5.23's shape) and /get_load (older
+SGLang's), both counting the requests being served, POST /generate, /v1/completions,
 /v1/chat/completions (stream: SSE `data: {...}` lines ending with `data: [DONE]`, chunked encoding).
 Ranks > 0 (DummyHealthHandler): /health and /health_generate, always 200, like SGLang 0.5.x.
 /version is deliberately absent: smg takes a worker answering /version for vLLM.
@@ -14,8 +15,10 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socket import AF_INET6
+from urllib.parse import parse_qs
 
 from sglang_fleet import __version__, sim_kv
 
@@ -82,6 +85,24 @@ def server_info(engine, srv) -> dict:
         "inflight": srv.inflight, "kv_transfers": kv.transfers if kv else 0,
         "kv_rooms_stored": kv.stored() if kv else 0,
     }
+
+
+def loads(engine, srv, query: str) -> dict:
+    """GET /v1/loads as SGLang 0.5.23 answers it (entrypoints/v1_loads.py), one DP rank; `num_running_reqs`
+    counts the requests this sim is serving right now (the node supervisor drains on it)."""
+    a = engine.args
+    now = time.time()
+    include = {s for part in parse_qs(query).get("include", []) for s in part.split(",") if s}
+    load = {"timestamp": now, "dp_rank": 0, "num_running_reqs": srv.inflight, "num_waiting_reqs": 0,
+            "num_used_tokens": 0, "num_total_tokens": 0, "max_total_num_tokens": 65536,
+            "max_running_requests": 256, "token_usage": 0.0, "gen_throughput": 0.0, "utilization": 0.0}
+    if a.disaggregation_mode != "null" and (not include or include & {"disagg", "all"}):
+        load["disaggregation"] = {"mode": a.disaggregation_mode, "prefill_bootstrap_queue_reqs": 0,
+                                  "prefill_inflight_queue_reqs": 0, "decode_prealloc_queue_reqs": 0,
+                                  "decode_transfer_queue_reqs": 0, "decode_retracted_queue_reqs": 0}
+    return {"timestamp": datetime.fromtimestamp(now, timezone.utc).isoformat(),
+            "version": f"sglang-fleet-sim-{__version__}", "accelerator": None, "num_accelerators": 0,
+            "loads": [load], "sim": True}
 
 
 def model_info(a) -> dict:
@@ -158,7 +179,7 @@ class EngineHandler(_Base):
 
     # -- GET -------------------------------------------------------------------------------
     def do_GET(self):
-        path = self.path.split("?")[0]
+        path, _, query = self.path.partition("?")
         e = self.engine
         if path in ("/health", "/health_generate", "/ready"):
             if e.ready.is_set():
@@ -171,6 +192,8 @@ class EngineHandler(_Base):
             self.send_json(200, model_info(e.args))
         elif path == "/v1/models":
             self.send_json(200, models_list(e.args, e.started_at))
+        elif path == "/v1/loads":
+            self.send_json(200, loads(e, self.server, query))
         elif path == "/get_load":
             self.send_json(200, [{"dp_rank": 0, "num_reqs": self.server.inflight, "num_waiting_reqs": 0,
                                   "num_tokens": 0, "sim": True}])

@@ -8,7 +8,7 @@ import re
 from sglang_fleet.config import NAME_RE, PREFILL_ONLY_ENGINE_FLAGS, RESERVED_ENGINE_FLAGS, FleetConfig
 
 
-def validate_config(cfg: FleetConfig) -> list[str]:
+def validate_config(cfg: FleetConfig, cluster_only: bool = False) -> list[str]:
     """Cross-field checks. Each message names the variable, the value and what is allowed."""
     p: list[str] = []
     for key in ("cluster", "group", "node_name"):
@@ -20,7 +20,7 @@ def validate_config(cfg: FleetConfig) -> list[str]:
         val = getattr(cfg, key)
         if not 1 <= val <= 65535:
             p.append(f"FLEET_{key.upper()}={val}: must be a port number between 1 and 65535")
-    for key in ("stop_grace", "backoff_base", "backoff_max", "stable_after", "sim_startup_delay",
+    for key in ("stop_grace", "drain_timeout", "backoff_base", "backoff_max", "stable_after", "sim_startup_delay",
                 "router_quiet_window", "router_resync_interval"):
         if getattr(cfg, key) < 0:
             p.append(f"FLEET_{key.upper()}={getattr(cfg, key)}: must be zero or more seconds")
@@ -34,7 +34,7 @@ def validate_config(cfg: FleetConfig) -> list[str]:
     if cfg.advertise_addr and not _host_like(cfg.advertise_addr):
         p.append(f"FLEET_ADVERTISE_ADDR={cfg.advertise_addr!r}: must be an IP address or host name, without "
                  f"scheme or port (e.g. 10.0.0.12)")
-    if cfg.is_router:
+    if cfg.is_router or cluster_only:
         return p
     p.extend(_validate_node(cfg))
     return p

@@ -3,6 +3,7 @@
 router's worker list, Consul's keys and services, container states and logs."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -155,6 +156,20 @@ def log_time(line: str) -> float:
     return datetime.fromisoformat(whole + "+00:00").timestamp() + float("0." + (frac or "0"))
 
 
+def logged_withdrawal(lines: list[str]) -> float | None:
+    """The node's own timestamp of its withdrawal (its JSON log line, written once Consul answered). The
+    catalog watch sees the withdrawal a few ms later; a request sent in between finds no prefill group
+    left in the router (503 at once): it was never in flight."""
+    for line in lines:
+        if "withdrew serving registration" in line:
+            try:
+                stamp = json.loads(line.split(" ", 1)[1])["timestamp"]
+            except (ValueError, KeyError, IndexError):
+                return None
+            return log_time(stamp)
+    return None
+
+
 @pytest.mark.demo_env(FLEET_DEMO_TOKEN_DELAY="0.05")
 def test_stop_of_rank0_withdraws_registration_before_the_engine_stops(demo, docker_client):
     demo.wait_serving()
@@ -180,14 +195,15 @@ def test_stop_of_rank0_withdraws_registration_before_the_engine_stops(demo, dock
     assert watch.withdrawn_at is not None, "the serving registration was never withdrawn"
     assert sigterm_lines, "\n".join(logs[-30:])
     engine_sigterm_at = log_time(sigterm_lines[0])
+    withdrawn_at = min(watch.withdrawn_at, logged_withdrawal(logs) or watch.withdrawn_at)
 
-    before = [o for o in load.outcomes if o.started < watch.withdrawn_at]
+    before = [o for o in load.outcomes if o.started < withdrawn_at]
     failed_before = [o for o in before if not o.ok]
-    failed_after = [o for o in load.outcomes if o.started >= watch.withdrawn_at and not o.ok]
+    failed_after = [o for o in load.outcomes if o.started >= withdrawn_at and not o.ok]
     print(f"docker stop of {rank0} (prefill rank 0) took {stopped_at - stop_at:.2f} s, exit code "
           f"{container.attrs['State']['ExitCode']}")
-    print(f"registration withdrawn {watch.withdrawn_at - stop_at:+.3f} s after the stop began, "
-          f"engine got SIGTERM {engine_sigterm_at - stop_at:+.3f} s")
+    print(f"registration withdrawn {withdrawn_at - stop_at:+.3f} s after the stop began (seen by the catalog "
+          f"watch {watch.withdrawn_at - stop_at:+.3f} s), engine got SIGTERM {engine_sigterm_at - stop_at:+.3f} s")
     print(f"requests: {len(load.outcomes)} sent, {len(before)} started before the withdrawal "
           f"({len(failed_before)} failed), {len(failed_after)} failed after it (no prefill group left)")
     for o in failed_before + failed_after[:5]:
@@ -196,4 +212,6 @@ def test_stop_of_rank0_withdraws_registration_before_the_engine_stops(demo, dock
     assert container.attrs["State"]["ExitCode"] == 0  # a stop is not a failure
     # Consul's watch wakes a few ms after the deregistration; the log line travels through two pipes.
     assert watch.withdrawn_at <= engine_sigterm_at + 0.5
+    # The node drained (FLEET_DRAIN_TIMEOUT) between the withdrawal and the engine's SIGTERM.
+    assert any("drained: " in ln for ln in logs), "\n".join(logs[-30:])
     assert not failed_before, f"{len(failed_before)} request(s) that started before the withdrawal failed"

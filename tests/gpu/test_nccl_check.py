@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ENGINE_PY = os.environ.get("FLEET_GPU_PYTHON") or sys.executable
 BACKEND = os.environ.get("FLEET_NCCL_CHECK_BACKEND", "nccl")
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+RESULTS = Path(os.environ.get("FLEET_GPU_RESULTS") or Path(tempfile.gettempdir()) / "sglang-fleet-gpu")
 MAX_BYTES = "256M" if BACKEND == "nccl" else "1M"
 
 
@@ -92,8 +94,12 @@ def run_group(consul, case: str, nodes: list[str], tp_size: int, extra_env: dict
               timeout: float = 240) -> list[dict]:
     """Starts one nccl-check per node (CUDA_VISIBLE_DEVICES given per node), waits, returns per node
     {rc, summary, sizes, log}."""
+    # The machine's own NCCL settings stay, except those the profiles and the cases decide.
+    from sglang_fleet import netprofile
+    decided = {name for p in netprofile.PROFILES for name in netprofile.read_env_file(netprofile.profile_path(p))}
+    decided |= {"NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE"}
     base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("FLEET_", "CONSUL_", "NCCL_", "GLOO_", "CUDA_VISIBLE_DEVICES"))}
+            if not k.startswith(("FLEET_", "CONSUL_", "CUDA_VISIBLE_DEVICES")) and k not in decided}
     base.update(MULTICAST_OFF)
     base.update({"CONSUL_HTTP_ADDR": consul.address, "FLEET_CLUSTER": f"gpu-{case}", "FLEET_GROUP": "g",
                  "FLEET_NNODES": str(len(nodes)), "FLEET_TP_SIZE": str(tp_size), "FLEET_MODEL_PATH": "nccl-check",
@@ -102,7 +108,7 @@ def run_group(consul, case: str, nodes: list[str], tp_size: int, extra_env: dict
                  "PYTHONPATH": os.pathsep.join([str(ROOT / "entrypoint")] + [p for p in [os.environ.get(
                      "PYTHONPATH")] if p])})
     base.update(extra_env or {})
-    results_dir = Path(os.environ.get("FLEET_GPU_RESULTS") or ROOT / ".pytest-gpu") / case
+    results_dir = RESULTS / case
     results_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for i, devices in enumerate(nodes):
@@ -152,7 +158,9 @@ def test_two_nodes_one_gpu_each(consul):
     assert env["NCCL_SOCKET_IFNAME"] == "lo" and env["GLOO_SOCKET_IFNAME"] == "lo"  # from launch.py
     if BACKEND == "nccl":
         assert env["NCCL_IB_DISABLE"] == "1"  # the ethernet profile: no RDMA device here
-        assert re.search(r"NET/Socket.*\blo\b", nodes[0]["log"]), "NCCL did not use the interface launch.py chose"
+        # "NET/Socket : Using [0]lo:127.0.0.1<0>" or "Bootstrap: Using lo:127.0.0.1<0>" (NCCL_DEBUG=INFO)
+        assert re.search(r"(NET/Socket|Bootstrap|NCCL_SOCKET_IFNAME)[^\n]*\blo\b", nodes[0]["log"]), \
+            "NCCL did not use the interface launch.py chose"
 
 
 def test_two_nodes_forced_through_sockets(consul):
@@ -162,7 +170,8 @@ def test_two_nodes_forced_through_sockets(consul):
                       extra_env={"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"})
     assert_group_passed(consul, "2x1-socket", nodes, world=2)
     if BACKEND == "nccl":
-        assert re.search(r"via NET/Socket", nodes[0]["log"]), "NCCL did not use its socket transport"
+        # "Channel 00/0 : 1[0] -> 0[1] [send] via NET/Socket/0"
+        assert re.search(r"NET/Socket/\d", nodes[0]["log"]), "NCCL did not use its socket transport"
 
 
 @pytest.mark.skipif(GPUS < 4, reason=f"needs 4 GPUs, this machine has {GPUS}")
@@ -173,18 +182,20 @@ def test_two_nodes_two_gpus_each(consul):
 
 
 def test_infiniband_profile_without_infiniband(consul):
-    """FLEET_NET_PROFILE=infiniband on a host with no IB device. What is certain: the profile reaches NCCL
-    and the check ends within its timeout, either passing (NCCL falls back to sockets, or needs no network
-    between GPUs of one host) or with a one-line reason. What happened is written to the results."""
+    """FLEET_NET_PROFILE=infiniband on a host with no IB device, P2P and shared memory off so NCCL needs its
+    network as between two hosts. What is certain: the profile reaches NCCL and the check ends within its
+    timeout, either passing (NCCL falls back to sockets) or with a one-line reason. What happened is written
+    to the results (outcome.json)."""
     nodes = run_group(consul, "ib-without-ib", ["0", "1"], tp_size=2, timeout=180,
-                      extra_env={"FLEET_NET_PROFILE": "infiniband"})
+                      extra_env={"FLEET_NET_PROFILE": "infiniband", "NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"})
     for n in nodes:
         assert n["summary"].get("env", {}).get("NCCL_IB_DISABLE") == "0" or n["rc"] != 0
         assert n["rc"] == 0 or (n["summary"]["reason"] and "\n" not in n["summary"]["reason"])
         assert "Traceback" not in n["log"]
     outcome = {"passed": all(n["rc"] == 0 for n in nodes), "reasons": [n["summary"].get("reason") for n in nodes],
-               "nccl_net_lines": sorted({m for n in nodes for m in re.findall(r"NET/\w+ : [^\n]{0,80}", n["log"])})}
-    results = Path(os.environ.get("FLEET_GPU_RESULTS") or ROOT / ".pytest-gpu") / "ib-without-ib" / "outcome.json"
+               "nccl_net_lines": sorted({m for n in nodes for m in re.findall(
+                   r"NCCL INFO ([^\n]*(?:NET/|IB|ibv)[^\n]{0,100})", n["log"])})[:40]}
+    results = RESULTS / "ib-without-ib" / "outcome.json"
     results.write_text(json.dumps(outcome, indent=1))
     print(json.dumps(outcome))
 

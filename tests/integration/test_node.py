@@ -10,7 +10,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -148,6 +150,14 @@ def test_fixed_ranks_and_rank0_preference(supervisors, consul_api, cluster_name)
     assert {r: m.node for r, m in view.members.items()} == {0: "fx-b", 1: "fx-c", 2: "fx-a"}
 
 
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize("victim", ["rank1", "rank0", "engine", "rank1-supervisor-only"])
 def test_kill9_ends_generation_and_replacement_serves_next(victim, supervisors, consul_api, cluster_name):
     members = supervisors.group("kg", 2)
@@ -162,8 +172,11 @@ def test_kill9_ends_generation_and_replacement_serves_next(victim, supervisors, 
         engine_pid = max(p for p in target.engine_pids() if "sim-engine" in open(f"/proc/{p}/cmdline").read())
         os.kill(engine_pid, signal.SIGKILL)
     elif victim == "rank1-supervisor-only":
-        orphans = target.engine_pids()  # the engine outlives its supervisor...
+        orphans = target.engine_pids()
+        assert orphans
         target.kill9(with_engine=False)
+        # The engine runs in its own session, yet dies with its supervisor (PR_SET_PDEATHSIG=SIGKILL).
+        wait_until(lambda: not any(alive(p) for p in orphans), 10, "the engine to die with its supervisor")
     else:
         target.kill9()
 
@@ -188,9 +201,6 @@ def test_kill9_ends_generation_and_replacement_serves_next(victim, supervisors, 
     view = group_view(consul_api, cluster_name, "kg")
     assert view.generation == g + 1 and sorted(view.members) == [0, 1]
     assert view.ended[g]["by"] in {s.name for s in members}
-    # ...until the group it belonged to is stopped: its peer connection drops and it exits (NCCL abort).
-    wait_until(lambda: not any(os.path.exists(f"/proc/{p}/cmdline") and open(f"/proc/{p}/stat").read().split()[2]
-                               not in ("Z", "X") for p in orphans), 30, "the orphaned engine to exit")
 
 
 def test_config_mismatch_starts_nothing_and_names_the_field(supervisors, consul_api, cluster_name):
@@ -278,3 +288,89 @@ def test_sixteen_supervisors_in_eight_groups_form(supervisors, consul_api, clust
         assert len({BARRIER.search(s.events(BARRIER)[0]["event"]).group(4) for s in members}) == 1
     wait_until(lambda: all(serving(consul_api, cluster_name, g) for g in groups), 60,
                "all 8 serving registrations")
+
+
+# ---- graceful stop: nothing in flight is lost --------------------------------------------------------
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+PROMPT = " ".join(f"w{i}" for i in range(20))  # the sim echoes words: 16 tokens at 0.25 s = 4 s a request
+
+
+class InFlight:
+    """`count` /generate requests to one engine at once, each outcome recorded."""
+
+    def __init__(self, url: str, count: int):
+        self.url, self.results = url, []
+        self.threads = [threading.Thread(target=self._one, daemon=True) for _ in range(count)]
+        for t in self.threads:
+            t.start()
+
+    def _one(self):
+        body = json.dumps({"text": PROMPT, "sampling_params": {"max_new_tokens": 16}}).encode()
+        req = urllib.request.Request(self.url + "/generate", data=body, headers={"Content-Type": "application/json"})
+        try:
+            with _NO_PROXY.open(req, timeout=60) as resp:
+                self.results.append((resp.status, json.loads(resp.read())["text"][:30]))
+        except Exception as exc:  # noqa: BLE001 - every failure is an outcome
+            self.results.append((None, repr(exc)))
+
+    def running(self) -> int:
+        with _NO_PROXY.open(self.url + "/v1/loads", timeout=5) as resp:
+            return json.loads(resp.read())["loads"][0]["num_running_reqs"]
+
+    def join(self):
+        for t in self.threads:
+            t.join(timeout=90)
+        return self.results
+
+
+DRAINED = re.compile(r"drained: no requests in flight after")
+DRAINING = re.compile(r"draining: (\d+) requests? in flight")
+
+
+def test_rank0_sigterm_withdraws_then_drains_then_stops(supervisors, consul_api, cluster_name):
+    members = supervisors.group("dr0", 2, SGLANG_FLEET_SIM_TOKEN_DELAY=0.25)
+    ranks = {ready(s)[0]: s for s in members}
+    leader, peer = ranks[0], ranks[1]
+    wait_until(lambda: serving(consul_api, cluster_name, "dr0"), 30, "serving registration")
+    load = InFlight(leader.http_url, 5)
+    wait_until(lambda: load.running() == 5, 20, "5 requests in flight")
+    peer_mark = peer.mark()
+    leader.terminate()
+    assert leader.wait_exit(60) == 0
+    results = load.join()
+    assert [code for code, _ in results] == [200] * 5, results
+
+    withdrew = leader.wait_for("stop requested: withdrew serving registration")
+    assert DRAINING.search(withdrew["event"]) and int(DRAINING.search(withdrew["event"]).group(1)) > 0
+    drained = leader.wait_for(DRAINED)
+    assert not serving(consul_api, cluster_name, "dr0", passing=False)
+    # The peer kept its engine (and the group) until the drain was over, then restarted without rank 0.
+    left = peer.wait_for(re.compile(r"left; ending generation"), since=peer_mark)
+    assert left["timestamp"] > drained["timestamp"]
+    assert "engine stopped" in leader.events("shutdown requested")[-1]["event"]
+
+
+def test_member_sigterm_asks_rank0_to_drain_first(supervisors, consul_api, cluster_name):
+    members = supervisors.group("dr1", 2, SGLANG_FLEET_SIM_TOKEN_DELAY=0.25)
+    ranks = {ready(s)[0]: s for s in members}
+    leader, member = ranks[0], ranks[1]
+    wait_until(lambda: serving(consul_api, cluster_name, "dr1"), 30, "serving registration")
+    load = InFlight(leader.http_url, 4)
+    wait_until(lambda: load.running() == 4, 20, "4 requests in flight")
+    leader_mark = leader.mark()
+    member.terminate()
+    assert member.wait_exit(60) == 0
+    assert [code for code, _ in load.join()] == [200] * 4
+
+    asked = member.wait_for("to withdraw and drain generation")
+    assert f"asked rank 0 ({leader.name})" in asked["event"]
+    withdrew = leader.wait_for(f"{member.name} is stopping: withdrew serving registration", since=leader_mark)
+    assert DRAINING.search(withdrew["event"])
+    told = leader.wait_for(f"told {member.name} to go on stopping", since=leader_mark)
+    assert DRAINED.search(told["event"])
+    go_on = member.wait_for("rank 0 drained generation")
+    assert go_on["timestamp"] >= told["timestamp"]
+    # Then the member leaves: the group restarts without it, rank 0 waits for a replacement.
+    leader.wait_for(re.compile(r"left; ending generation"), since=leader_mark)
+    leader.wait_for("waiting for peers 1/2", since=leader_mark)
+    assert not leader.events("FATAL")

@@ -5,7 +5,9 @@
   prefill's rank 1: the router withdraws the prefill, requests meanwhile fail cleanly (no hang), and once
   the group re-forms requests go through again with nobody touching the router.
 - regular: two 1-node groups; requests are spread over both; a worker added by hand survives every
-  reconcile; smg killed -> the agent starts it again and rebuilds the list.
+  reconcile; `sglang-fleet status` shows both views; smg killed -> the agent starts it again and rebuilds
+  the list.
+- Consul down: smg keeps its workers; Consul back (empty): the router registers itself again.
 """
 from __future__ import annotations
 
@@ -215,46 +217,59 @@ def test_pd_groups_through_the_router_and_prefill_rank1_kill9(supervisors, start
 
 
 # ---- regular -------------------------------------------------------------------------------------------
-def test_regular_groups_spread_hand_added_survives_smg_restart(supervisors, start_router, tmp_path):
-    groups = [supervisors.start(f"rg{i}", FLEET_ROLE="regular", FLEET_GROUP=f"rg{i}") for i in range(3)]
+@pytest.fixture
+def hand_engine(tmp_path):
+    """A sim engine nobody registers in Consul: the worker an operator adds to smg by hand."""
+    port = free_port()
+    with open(tmp_path / "hand-engine.log", "ab") as log:
+        proc = subprocess.Popen([str(FLEET_BIN), "sim-engine", "--model-path", "sim/tiny-model", "--host",
+                                 "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: answers(url + "/health"), 30, "the hand-started sim engine")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def test_regular_groups_spread_hand_added_survives_smg_restart(supervisors, start_router, hand_engine):
+    groups = [supervisors.start(f"rg{i}", FLEET_ROLE="regular", FLEET_GROUP=f"rg{i}") for i in range(2)]
     router = start_router(FLEET_ROUTER_POLICY="round_robin", FLEET_ROUTER_RESYNC_INTERVAL="1")
     urls = {g.http_url for g in groups}
     router.wait_workers(lambda ws: {w["url"] for w in ws if w["status"] == "ready"} >= urls,
-                        "the router to list the three regular groups", timeout=90)
+                        "the router to list both regular groups", timeout=90)
     assert router.events("starting smg")[-1]["mode"] == "regular"  # auto: only regular groups pass
 
-    # A worker added by hand (no labels): group rg2's engine, taken out of Consul's hands first.
-    hand = groups[2]
-    hand.kill9(with_engine=False)  # its engine keeps serving; its registration dies with the heartbeat
-    router.wait_workers(lambda ws: hand.http_url not in {w["url"] for w in ws},
-                        "the router to withdraw the group whose supervisor died", timeout=60)
-    status, body = http("POST", router.url + "/workers", {"url": hand.http_url, "worker_type": "regular"})
-    assert status in (200, 202), body
-    router.wait_workers(lambda ws: hand.http_url in {w["url"] for w in ws if w["status"] == "ready"},
-                        "the hand-added worker to be ready")
-
+    # Requests are spread over both groups.
     before = {g.name: engine_requests(g) for g in groups}
-    for i in range(9):
+    for i in range(8):
         status, body = generate(router, f"spread request {i}")
         assert status == 200, body
     served = {g.name: engine_requests(g) - before[g.name] for g in groups}
     assert all(n > 0 for n in served.values()), served
 
+    # A worker added by hand (no labels) survives every reconcile (resync every 1 s, plus Consul changes).
+    status, body = http("POST", router.url + "/workers", {"url": hand_engine, "worker_type": "regular"})
+    assert status in (200, 202), body
+    router.wait_workers(lambda ws: hand_engine in {w["url"] for w in ws if w["status"] == "ready"},
+                        "the hand-added worker to be ready")
+
     # `sglang-fleet status` shows the router's workers beside Consul's, the hand-added one as such.
-    env = dict(router.env, FLEET_ROLE="regular", FLEET_MODEL_PATH="sim/tiny-model")
+    env = dict(router.env, FLEET_ROLE="router")
     proc = subprocess.run([str(FLEET_BIN), "status", "--json"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     [view] = json.loads(proc.stdout)["routers"]["routers"]
-    assert {w["url"] for w in view["workers"]} == {groups[0].http_url, groups[1].http_url}
-    assert [w["url"] for w in view["unmanaged"]] == [hand.http_url]
+    assert {w["url"] for w in view["workers"]} == urls
+    assert [w["url"] for w in view["unmanaged"]] == [hand_engine]
     assert view["differences"] == [], view
 
-    # Several reconciles later (resync every 1 s, plus a Consul change) the hand-added worker is still there.
     groups[1].terminate()
     router.wait_workers(lambda ws: groups[1].http_url not in {w["url"] for w in ws},
                         "the router to withdraw the stopped group", timeout=60)
     time.sleep(2.5)
-    assert hand.http_url in router.ready_urls()
+    assert hand_engine in router.ready_urls()
 
     # smg killed: the agent starts it again and adds every passing group again (not the hand-added one:
     # smg forgot it, and it is not ours to add).

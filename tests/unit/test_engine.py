@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import textwrap
 import threading
@@ -323,3 +324,58 @@ def test_from_config_takes_the_supervision_settings():
     assert (engine.ready_timeout, engine.stop_grace, engine.start_attempts, engine.backoff_base,
             engine.backoff_max) == (60.0, 3.0, 4, 2.0, 8.0)
     assert engine.context == {"rank": 1, "group": "g", "generation": 3}
+
+
+# A supervisor in miniature: starts the fake engine through Engine.start, writes its pid, then waits.
+PARENT = textwrap.dedent('''
+    import sys, time
+    from dataclasses import dataclass
+    from sglang_fleet.engine import Engine
+
+    @dataclass
+    class Launch:
+        argv: list
+        env: dict
+
+    script, port, pid_file = sys.argv[1], sys.argv[2], sys.argv[3]
+    import os
+    engine = Engine(f"http://127.0.0.1:{port}/health", 1)
+    engine.start(Launch([sys.executable, script, "--port", port], dict(os.environ)))
+    with open(pid_file + ".tmp", "w") as f:
+        f.write(str(engine.pid))
+    os.rename(pid_file + ".tmp", pid_file)
+    time.sleep(120)
+''')
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_engine_dies_with_a_kill9ed_supervisor(fake, tmp_path, port):
+    """kill -9 of the supervisor leaves no engine behind (PR_SET_PDEATHSIG=SIGKILL), although the engine
+    runs in its own session, out of reach of a signal to the supervisor's process group."""
+    fake()  # writes the fake engine script
+    pid_file = tmp_path / "engine.pid"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path / "fake_engine.py"), str(port),
+                               str(pid_file)], stdin=subprocess.DEVNULL)
+    try:
+        engine_pid = int(eventually(lambda: pid_file.exists() and pid_file.read_text(), timeout=20))
+        assert alive(engine_pid)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        eventually(lambda: not alive(engine_pid))
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if pid_file.exists() and alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_pdeathsig_follows_the_spawning_thread(new_engine, fake):
+    """Why Engine.start must only be called from the long-lived node-loop thread: the kernel sends the
+    death signal when the *thread* that forked ends, even though the process lives on."""
+    engine = new_engine(rank=1)
+    spawner = threading.Thread(target=engine.start, args=(fake(),))
+    spawner.start()
+    spawner.join()
+    eventually(lambda: engine.poll() is EngineState.EXITED)
+    assert engine.returncode == -signal.SIGKILL

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from sglang_fleet import drain as dr
 from sglang_fleet import node as node_mod
 from sglang_fleet.engine import EngineState
 from test_rendezvous import FakeStore, cfg
@@ -147,3 +148,87 @@ def test_backoff_grows_and_is_capped():
     assert 1 <= first <= 1.5
     assert 8 <= node_mod.backoff(4, 1, 60) <= 8.5
     assert node_mod.backoff(20, 1, 60) <= 60
+
+
+# ---- graceful stop: drain before any engine of the group stops -----------------------------------------
+@pytest.fixture
+def loads(monkeypatch):
+    """The engine's answers to 'how many requests in flight' (the last one repeats); no router pickup wait."""
+    values: list = [0]
+    monkeypatch.setattr(dr, "ROUTER_PICKUP", 0.0)
+    monkeypatch.setattr(dr, "requests_in_flight", lambda url, timeout=2.0: values.pop(0) if len(values) > 1
+                        else values[0])
+    return values
+
+
+def serving_pair(api, engines, **env):
+    a, b = make_node(api, "a", FLEET_RANK0=1, **env), make_node(api, "bb", **env)
+    cycle_until(a, "claimed rank 0")
+    cycle_until(b, "claimed rank 1")
+    for n in (a, b):
+        cycle_until(n, "engine started")
+    engines["a"].state = engines["bb"].state = EngineState.RUNNING
+    cycle_until(a, "registered serving")
+    cycle_until(b, "engine ready")
+    return a, b
+
+
+def test_rank0_stop_withdraws_then_drains_keeping_its_rank_then_stops(world, loads):
+    api, calls, engines = world
+    a, b = serving_pair(api, engines)
+    loads[:] = [2, 2, 1, 0, 0]
+    del calls[:]
+    a.request_stop()
+    assert a._begin_stop() == "stop requested: withdrew serving registration sglang-c-g; draining: 2 requests in flight"
+    said = []
+    while a.drain is not None:
+        said.append(a._stop_cycle())
+    assert "draining: 1 request in flight" in said and said[-1].startswith("drained: no requests in flight after")
+    # Only the registration is gone: the engine still runs, the rank key is still held, the peer serves on.
+    assert calls == [("deregister", "sglang-c-g")]
+    assert a.rdv.read().members[0].session == a.session and a.engine.state is EngineState.RUNNING
+    assert cycle_until(b, "engine ready") == "rank 1 of 2, engine ready in generation 0"
+
+
+def test_member_stop_asks_rank0_to_drain_and_waits_for_it(world, loads):
+    api, calls, engines = world
+    a, b = serving_pair(api, engines)
+    loads[:] = [1, 0, 0]
+    del calls[:]
+    b.request_stop()
+    assert b._begin_stop() == ("stop requested; asked rank 0 (a) to withdraw and drain generation 0 first "
+                               "(waiting up to 35 s)")
+    assert b._stop_cycle() == "waiting for rank 0 to drain generation 0"
+    assert cycle_until(a, "is stopping") == ("bb is stopping: withdrew serving registration sglang-c-g; "
+                                             "draining: 1 request in flight")
+    told = cycle_until(a, "told bb")
+    assert told.startswith("drained: no requests in flight after") and told.endswith("; told bb to go on stopping")
+    assert b._stop_cycle().startswith("rank 0 drained generation 0 (drained: no requests in flight")
+    assert b.drain_wait_until is None  # the loop goes on to shutdown(): engine, session, heartbeat
+    # Rank 0 does not register again while the member leaves; nothing was stopped on its side.
+    assert cycle_until(a, "engine ready") == "rank 0 of 2, engine ready in generation 0"
+    assert calls == [("deregister", "sglang-c-g")]
+
+
+def test_member_stop_gives_up_waiting_when_the_generation_ends(world, loads):
+    api, calls, engines = world
+    a, b = serving_pair(api, engines)
+    b.request_stop()
+    b._begin_stop()
+    api.session_destroy(a.session)  # rank 0 dies meanwhile
+    assert b._stop_cycle() == "a (rank 0) left generation 0; stopping"
+
+
+def test_no_drain_when_disabled_or_after_a_failure(world, loads):
+    api, calls, engines = world
+    a, b = serving_pair(api, engines, FLEET_DRAIN_TIMEOUT=0)
+    a.request_stop()
+    assert a._begin_stop() is None and a.drain is None  # shutdown() withdraws and stops at once
+    c = make_node(api, "solo", FLEET_NNODES=1, FLEET_TP_SIZE=1, FLEET_GROUP="")
+    cycle_until(c, "engine started")
+    engines["solo"].state = EngineState.RUNNING
+    cycle_until(c, "registered serving")
+    engines["solo"].state, engines["solo"].reason = EngineState.EXITED, "engine exited with code 1 while running"
+    cycle_until(c, "ending generation")
+    c.request_stop()
+    assert c._begin_stop() is None  # the engine is dead: nothing in flight can be saved

@@ -1,0 +1,103 @@
+"""OS plumbing for a supervised child and its process group: the kernel kills it with its supervisor
+(PR_SET_PDEATHSIG), signals reach the whole group, and "gone" means no live member left (zombies
+reparented to a PID 1 that does not reap are not alive)."""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _load_prctl():
+    """libc's prctl, resolved once here: the child between fork and exec must not load anything."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+_PRCTL = _load_prctl()
+
+
+def die_with_parent_thread(parent_pid: int):
+    """preexec_fn for the engine: SIGKILL when the spawning thread dies (None where prctl is missing)."""
+    if _PRCTL is None:
+        return None
+
+    # Runs in the forked child of a threaded process: only a pre-resolved libc call and os calls, no
+    # imports and no locks another thread could have held at fork time.
+    def preexec() -> None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+    return preexec
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass  # the whole group is gone already
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any non-zombie process is in the group (zombies reparented to a PID 1 that does not
+    reap would otherwise keep a group 'alive' forever)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        entries = None
+    if entries is None:
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+def wait_group_gone(proc: subprocess.Popen, pgid: int, deadline: float) -> bool:
+    """True once no live process is left in the group (reaping our own child and orphans first)."""
+    while True:
+        if proc.poll() is not None:  # reap our own child first: it counts while a zombie
+            reap_orphans(pgid)
+        if not group_alive(pgid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def reap_orphans(pgid: int) -> None:
+    """When we are PID 1 or a subreaper, orphaned engine processes become our children: reap them."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-pgid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+__all__ = ["die_with_parent_thread", "group_alive", "reap_orphans", "signal_group", "wait_group_gone"]
