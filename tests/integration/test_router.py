@@ -8,6 +8,7 @@
   reconcile; `sglang-fleet status` shows both views; smg killed -> the agent starts it again and rebuilds
   the list.
 - Consul down: smg keeps its workers; Consul back (empty): the router registers itself again.
+- API key: clients without it get 401; the agent manages the guarded worker API with it.
 """
 from __future__ import annotations
 
@@ -29,9 +30,12 @@ pytestmark = pytest.mark.integration
 CLIENT_TIMEOUT = 20.0  # every request through the router has a deadline: an outage must not hang a client
 
 
-def http(method: str, url: str, body=None, timeout: float = CLIENT_TIMEOUT) -> tuple[int, object]:
+def http(method: str, url: str, body=None, timeout: float = CLIENT_TIMEOUT, key: str | None = None) -> tuple[int, object]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(req, timeout=timeout) as resp:
@@ -87,7 +91,7 @@ class Router:
         return "\n".join(lines[-n:])
 
     def workers(self) -> list[dict]:
-        status, body = http("GET", self.url + "/workers", timeout=5)
+        status, body = http("GET", self.url + "/workers", timeout=5, key=self.env.get("FLEET_ROUTER_API_KEY"))
         assert status == 200, body
         return body["workers"]
 
@@ -308,3 +312,15 @@ def test_consul_outage_keeps_workers_and_router_registers_again(fresh_consul_age
         api.close()
     router.wait_workers(lambda ws: group.http_url in {w["url"] for w in ws if w["status"] == "ready"},
                         "the group to be routed after the outage", timeout=60)
+
+
+# ---- API key -----------------------------------------------------------------------------------------------
+def test_api_key_guards_clients_and_the_agent_uses_it(supervisors, start_router):
+    group = supervisors.start("keyed", FLEET_ROLE="regular", FLEET_GROUP="keyed")
+    router = start_router(FLEET_ROUTER_API_KEY="s3cret", FLEET_ROUTER_MODE="regular")
+    router.wait_workers(lambda ws: group.http_url in {w["url"] for w in ws if w["status"] == "ready"},
+                        "the agent to add the group through the guarded worker API", timeout=90)
+    body = {"text": "with a key", "sampling_params": {"max_new_tokens": 4}}
+    assert http("POST", router.url + "/generate", body)[0] == 401
+    status, answer = http("POST", router.url + "/generate", body, key="s3cret")
+    assert status == 200, answer
