@@ -37,7 +37,12 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class LoadUnavailable(Exception):
-    """The engine did not say how many requests it has in flight."""
+    """The engine did not say how many requests it has in flight. `transient`: it may next time (a read
+    that timed out or a 5xx from a busy engine), unlike a refused connection or an endpoint it lacks."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 def in_flight(path: str, body: Any) -> int:
@@ -68,9 +73,11 @@ def requests_in_flight(base_url: str, timeout: float = LOAD_TIMEOUT) -> int:
         except urllib.error.HTTPError as exc:
             if exc.code == 404 and path == V1_LOADS:
                 continue  # an older SGLang: /get_load
-            raise LoadUnavailable(f"{path.split('?')[0]} answered HTTP {exc.code}") from None
+            raise LoadUnavailable(f"{path.split('?')[0]} answered HTTP {exc.code}", exc.code >= 500) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise LoadUnavailable(f"{path.split('?')[0]}: {getattr(exc, 'reason', exc)}") from None
+            reason = getattr(exc, "reason", exc)
+            raise LoadUnavailable(f"{path.split('?')[0]}: {reason}", isinstance(reason, TimeoutError)
+                                  or "timed out" in str(reason)) from None
     raise LoadUnavailable("neither /v1/loads nor /get_load is served")
 
 
@@ -97,23 +104,33 @@ class Drain:
         self.deadline = self.began + timeout
         self.zero_reads = 0
         self.reported: int | None = None  # the count last said (a sentence only when it changes)
+        self.answered = False  # the engine has told its load at least once
         self.outcome = ""  # how it ended, for K/g<G>/drained
 
-    def _read(self) -> tuple[int | None, str]:
+    def _read(self) -> tuple[int | None, str, bool]:
+        """(requests in flight or None, why not, whether to ask again)."""
         try:
-            return self.load(), ""
+            n = self.load()
         except LoadUnavailable as exc:
-            return None, str(exc)
+            # A busy engine that answered before is asked again (until the deadline), not given up on.
+            return None, str(exc), exc.transient and self.answered
+        self.answered = True
+        return n, "", False
 
     def start(self) -> str:
-        n, error = self._read()
+        n, error, _ = self._read()
         self.reported = n
         return f"draining: {plural(n)} in flight" if n is not None else f"draining (load unreadable: {error})"
 
     def step(self) -> Step:
         now = self.clock()
-        n, error = self._read()
+        n, error, again = self._read()
         after = now - self.began
+        if n is None and again and now < self.deadline:
+            return Step(None, False, max(0.0, min(POLL_EVERY, self.deadline - now)))
+        if n is None and again:
+            return self._done(f"drain timeout: the engine's load is unreadable ({error}) after {self.timeout:g} s "
+                              f"(FLEET_DRAIN_TIMEOUT); stopping the engine anyway")
         if n is None:
             if now < self.pickup_until:
                 return Step(None, False, self.pickup_until - now)

@@ -84,6 +84,21 @@ def test_unreadable_load_waits_the_pickup_time_only():
                     "for the router only"]
 
 
+def test_a_busy_engine_that_answered_before_is_asked_again():
+    slow = dr.LoadUnavailable("/v1/loads: timed out", transient=True)
+    script = Script([2, slow, slow, 1, slow, 0, 0])
+    drain = dr.Drain(script.load, timeout=30, pickup=0.0, clock=script.clock)
+    said = run(drain, script)
+    assert said[-1].startswith("drained: no requests in flight")
+    script = Script([1, slow])
+    drain = dr.Drain(script.load, timeout=3, pickup=0.0, clock=script.clock)
+    assert run(drain, script)[-1].startswith("drain timeout: the engine's load is unreadable (/v1/loads: timed out)")
+    # A refused connection (the engine is gone) ends it at once, after the pickup time.
+    script = Script([1, dr.LoadUnavailable("/v1/loads: [Errno 111] Connection refused")])
+    drain = dr.Drain(script.load, timeout=30, pickup=0.0, clock=script.clock)
+    assert run(drain, script)[-1].startswith("drained: the engine's load is unreadable (/v1/loads: [Errno 111]")
+
+
 def test_pickup_never_exceeds_the_timeout():
     script = Script([dr.LoadUnavailable("x")])
     drain = dr.Drain(script.load, timeout=0.5, pickup=2.0, clock=script.clock)

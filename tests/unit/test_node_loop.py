@@ -6,6 +6,7 @@ tests/integration/test_node.py.
 from __future__ import annotations
 
 import pytest
+import structlog
 
 from sglang_fleet import drain as dr
 from sglang_fleet import node as node_mod
@@ -54,6 +55,14 @@ class ScriptedEngine:
         self.calls.append(("engine_stop",))
         self.state, self.pid = EngineState.STOPPED, None
         return "engine stopped"
+
+
+@pytest.fixture(autouse=True)
+def plain_logging():
+    """Another test may have run `cli.main` (logs.configure onto pytest's captured, since closed, stdout)."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture
