@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import re
@@ -36,6 +35,8 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # tests/fleet_testing.py, which the harness imports too
+from fleet_testing import emit_json  # noqa: E402
 TARGETS = {"rendezvous_s": 0.5, "detection_s": 3.0, "reformation_s": 1.0, "rss_mb": 60.0, "idle_cpu_pct": 1.0}
 
 
@@ -206,10 +207,7 @@ def main() -> int:
         }
     finally:
         agent.stop()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit_json(result, args.out)
     return 0
 
 

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,21 +33,13 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from fleet_testing import FLEET_BIN, descendants, emit_json, free_port, kill_quietly  # noqa: E402
+
 BIN = Path(sys.executable).parent
-FLEET = str(BIN / "sglang-fleet")
+FLEET = str(FLEET_BIN)
 SMG = os.environ.get("FLEET_SMG_BIN") or str(BIN / "smg")
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-_ports: set[int] = set()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if port not in _ports:
-            _ports.add(port)
-            return port
 
 
 def http(method: str, url: str, body=None, timeout: float = 5.0):
@@ -81,24 +72,6 @@ def spawn(argv, env, log: Path) -> subprocess.Popen:
     with open(log, "ab") as f:
         return subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-
-
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_bytes()
-            except OSError:
-                continue
-            children.setdefault(int(stat[stat.rfind(b")") + 2:].split()[1]), []).append(int(entry))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
 
 
 class Bench:
@@ -160,10 +133,7 @@ class Bench:
 
     def kill9(self, proc: subprocess.Popen) -> None:
         for pid in descendants(proc.pid) | {proc.pid}:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_quietly(pid, signal.SIGKILL)
 
     def cleanup(self) -> None:
         for proc in reversed(self.procs):
@@ -324,10 +294,7 @@ def main() -> int:
         "runs": {"pickup": pickups, "withdrawal": withdrawals},
         "logs": str(work),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit_json(result, args.out)
     return 0
 
 

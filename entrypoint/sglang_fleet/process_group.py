@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Iterator
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -50,31 +51,33 @@ def signal_group(pgid: int, sig: int) -> None:
         pass  # the whole group is gone already
 
 
-def group_alive(pgid: int) -> bool:
-    """True while any non-zombie process is in the group (zombies reparented to a PID 1 that does not
-    reap would otherwise keep a group 'alive' forever)."""
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        entries = None
-    if entries is None:
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-    for entry in entries:
+def proc_stats() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, fields) for every process in /proc, the fields after "pid (comm) ": state ppid pgrp ...
+    Raises OSError where /proc cannot be listed."""
+    for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as f:
                 stat = f.read()
         except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            continue  # the process is gone
+        yield int(entry), stat[stat.rfind(b")") + 2:].split()
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any non-zombie process is in the group (zombies reparented to a PID 1 that does not
+    reap would otherwise keep a group 'alive' forever)."""
+    try:
+        stats = list(proc_stats())
+    except OSError:
+        try:
+            os.killpg(pgid, 0)
             return True
-    return False
+        except ProcessLookupError:
+            return False
+    return any(len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X")
+               for _, fields in stats)
 
 
 def wait_group_gone(proc: subprocess.Popen, pgid: int, deadline: float) -> bool:
@@ -100,4 +103,5 @@ def reap_orphans(pgid: int) -> None:
             return
 
 
-__all__ = ["die_with_parent_thread", "group_alive", "reap_orphans", "signal_group", "wait_group_gone"]
+__all__ = ["die_with_parent_thread", "group_alive", "proc_stats", "reap_orphans", "signal_group",
+           "wait_group_gone"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +23,8 @@ os.environ.setdefault("TC_HOST", "127.0.0.1")
 
 import requests  # noqa: E402
 
+import fleet_testing  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 FLEET_IMAGE = os.environ.get("FLEET_IMAGE", "sglang-fleet:cpu")
 CONSUL_IMAGE = os.environ.get("FLEET_CONSUL_IMAGE", "sglang-fleet/consul:local")
@@ -32,19 +33,8 @@ PREFILL_GROUP, DECODE_GROUP = "demo-prefill", "demo-decode"
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.5) -> Any:
-    """Polls predicate until it returns something truthy; fails naming what was awaited."""
-    deadline = time.monotonic() + timeout
-    last_exc: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # noqa: BLE001 - a service still starting answers with errors
-            last_exc = exc
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}"
-                         + (f" (last error: {last_exc})" if last_exc else ""))
+    """fleet_testing.wait_until, polling every half second (containers answer slowly)."""
+    return fleet_testing.wait_until(predicate, timeout, what, interval=every)
 
 
 def _has_image(client, name: str) -> bool:

@@ -17,8 +17,9 @@ Reusable by every integration test (node, router, status):
   from /proc).
 - `make_supervisors(agent)`: a `Supervisors` bound to another agent (e.g. `fresh_consul_agent`).
 - `consul_api`: a `ConsulAPI` on `consul_agent`.
-- `wait` fixture == `wait_until(predicate, timeout, what)`. Use the fixtures rather than `from conftest
-  import ...`: pytest re-imports every non-package conftest.py under the same module name.
+- `wait` fixture == `wait_until(predicate, timeout, what)`. Use the fixtures, or import the plain helpers
+  (`free_port`, `wait_until`, `FLEET_BIN`) from tests/fleet_testing.py, never `from conftest import ...`:
+  pytest re-imports every non-package conftest.py under the same module name.
 
 Environment: FLEET_CONSUL_BIN (default: the path `scripts/install-consul` prints).
 """
@@ -29,9 +30,7 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,46 +38,13 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from fleet_testing import FLEET_BIN, descendants, free_port, kill_quietly, wait_until
 from sglang_fleet.config import ConsulSettings
 from sglang_fleet.consul_api import ConsulAPI, ConsulError
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN_DIR = Path(sys.executable).parent
-FLEET_BIN = BIN_DIR / "sglang-fleet"
 
-# ---- small helpers --------------------------------------------------------------------------------
-_handed_out: set[int] = set()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` right now and not handed out before in this test run (the sim binds
-    its HTTP port on 0.0.0.0, so ports must differ across loopback addresses too)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
-               interval: float = 0.1) -> Any:
-    """Polls `predicate` until it returns something truthy; fails the test with `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    last_exc: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # noqa: BLE001 - the predicate may race with processes starting
-            last_exc = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}"
-                         + (f" (last error: {last_exc!r})" if last_exc else ""))
-
-
+# ---- small helpers (free_port, wait_until, descendants: tests/fleet_testing.py) ----------------------
 def consul_binary() -> str:
     path = os.environ.get("FLEET_CONSUL_BIN")
     if not path:
@@ -287,20 +253,20 @@ class Supervisor:
         return self.proc.poll() is None
 
     def _snapshot_descendants(self) -> None:
-        self.descendants |= _descendants(self.proc.pid)
+        self.descendants |= descendants(self.proc.pid)
 
     def kill9(self, with_engine: bool = True) -> None:
         """kill -9 of the supervisor; with_engine also kills its engine (a host or container dying)."""
         self._snapshot_descendants()
         if with_engine:
             for pid in self.descendants:
-                _kill(pid, signal.SIGKILL)
-        _kill(self.proc.pid, signal.SIGKILL)
+                kill_quietly(pid, signal.SIGKILL)
+        kill_quietly(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
 
     def terminate(self, sig: int = signal.SIGTERM) -> None:
         self._snapshot_descendants()
-        _kill(self.proc.pid, sig)
+        kill_quietly(self.proc.pid, sig)
 
     def wait_exit(self, timeout: float = 60.0) -> int:
         try:
@@ -311,47 +277,18 @@ class Supervisor:
 
     def engine_pids(self) -> set[int]:
         """Live processes under the supervisor (the engine and its children)."""
-        return _descendants(self.proc.pid) if self.alive() else set()
+        return descendants(self.proc.pid) if self.alive() else set()
 
     def cleanup(self) -> None:
         if self.alive():
             self._snapshot_descendants()
-            _kill(self.proc.pid, signal.SIGKILL)
+            kill_quietly(self.proc.pid, signal.SIGKILL)
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
         for pid in self.descendants:
-            _kill(pid, signal.SIGKILL)
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every process below `pid` (from /proc; engines run in their own process groups)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    out, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in out:
-                out.add(child)
-                todo.append(child)
-    return out
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+            kill_quietly(pid, signal.SIGKILL)
 
 
 class Supervisors:

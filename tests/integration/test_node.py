@@ -9,31 +9,18 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
+from fleet_testing import FLEET_BIN, wait_until
 from sglang_fleet import rendezvous as rdv
 
 pytestmark = pytest.mark.integration
 
-FLEET_BIN = Path(sys.executable).parent / "sglang-fleet"
 READY = re.compile(r"^rank (\d+) of (\d+), engine ready in generation (\d+)$")
 BARRIER = re.compile(r"^barrier passed: rank (\d+) of (\d+) in generation (\d+), dist-init (\S+)$")
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def group_view(api, cluster: str, group: str) -> rdv.GroupView:
@@ -327,13 +314,19 @@ DRAINED = re.compile(r"drained: no requests in flight after")
 DRAINING = re.compile(r"draining: (\d+) requests? in flight")
 
 
-def test_rank0_sigterm_withdraws_then_drains_then_stops(supervisors, consul_api, cluster_name):
-    members = supervisors.group("dr0", 2, SGLANG_FLEET_SIM_TOKEN_DELAY=0.25)
+def serving_pair_under_load(supervisors, consul_api, cluster_name, group: str, requests: int):
+    """A serving 2-node group with slow tokens and `requests` requests in flight on rank 0:
+    (rank 0, rank 1, the load)."""
+    members = supervisors.group(group, 2, SGLANG_FLEET_SIM_TOKEN_DELAY=0.25)
     ranks = {ready(s)[0]: s for s in members}
-    leader, peer = ranks[0], ranks[1]
-    wait_until(lambda: serving(consul_api, cluster_name, "dr0"), 30, "serving registration")
-    load = InFlight(leader.http_url, 5)
-    wait_until(lambda: load.running() == 5, 20, "5 requests in flight")
+    wait_until(lambda: serving(consul_api, cluster_name, group), 30, "serving registration")
+    load = InFlight(ranks[0].http_url, requests)
+    wait_until(lambda: load.running() == requests, 20, f"{requests} requests in flight")
+    return ranks[0], ranks[1], load
+
+
+def test_rank0_sigterm_withdraws_then_drains_then_stops(supervisors, consul_api, cluster_name):
+    leader, peer, load = serving_pair_under_load(supervisors, consul_api, cluster_name, "dr0", 5)
     peer_mark = peer.mark()
     leader.terminate()
     assert leader.wait_exit(60) == 0
@@ -351,12 +344,7 @@ def test_rank0_sigterm_withdraws_then_drains_then_stops(supervisors, consul_api,
 
 
 def test_member_sigterm_asks_rank0_to_drain_first(supervisors, consul_api, cluster_name):
-    members = supervisors.group("dr1", 2, SGLANG_FLEET_SIM_TOKEN_DELAY=0.25)
-    ranks = {ready(s)[0]: s for s in members}
-    leader, member = ranks[0], ranks[1]
-    wait_until(lambda: serving(consul_api, cluster_name, "dr1"), 30, "serving registration")
-    load = InFlight(leader.http_url, 4)
-    wait_until(lambda: load.running() == 4, 20, "4 requests in flight")
+    leader, member, load = serving_pair_under_load(supervisors, consul_api, cluster_name, "dr1", 4)
     leader_mark = leader.mark()
     member.terminate()
     assert member.wait_exit(60) == 0

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FLEET_BIN, free_port, wait_until
+from fleet_testing import FLEET_BIN, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from fleet_testing import wait_until
 from sglang_fleet.config import FleetConfig
 from sglang_fleet.engine import Engine, EngineStartCancelled, EngineStartFailed, EngineState
 
@@ -129,13 +130,7 @@ def alive(pid: int) -> bool:
 
 
 def eventually(check, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout} s")
+    return wait_until(check, timeout, "condition", interval=0.05)
 
 
 def test_rank0_is_ready_only_when_health_answers_200(new_engine, fake, tmp_path):

@@ -1,0 +1,77 @@
+"""Helpers shared by the test tiers and the benchmarks (scripts/bench_*.py): waiting, loopback ports,
+process trees, JSON results. A plain module with a unique name, importable because tests/conftest.py
+puts tests/ on sys.path (pytest's prepend import mode); the benchmarks add tests/ themselves."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from sglang_fleet.process_group import proc_stats
+
+FLEET_BIN = Path(sys.executable).parent / "sglang-fleet"  # the console script of this venv
+
+_handed_out: set[int] = set()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now and not handed out before in this process (the sim binds
+    its HTTP port on 0.0.0.0, so ports must differ across loopback addresses too)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
+               interval: float = 0.1) -> Any:
+    """Polls `predicate` until it returns something truthy; fails the test with `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - the predicate may race with processes starting
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}"
+                         + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (from /proc: engines run in their own process groups)."""
+    children: dict[int, list[int]] = {}
+    for child, fields in proc_stats():
+        children.setdefault(int(fields[1]), []).append(child)
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def kill_quietly(pid: int, sig: int) -> None:
+    """os.kill that ignores a process already gone."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def emit_json(result: dict, out: Path | None) -> None:
+    """A benchmark's result: printed, and written to `out` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
