@@ -40,7 +40,7 @@ RUN { ${PYTHON} -m venv --system-site-packages "$FLEET_HOME" 2>/dev/null \
 COPY pyproject.toml /tmp/deps/
 RUN mkdir -p /tmp/deps/entrypoint/sglang_fleet \
  && touch /tmp/deps/README.md /tmp/deps/entrypoint/sglang_fleet/__init__.py \
- && "$FLEET_HOME/bin/python" -m pip install --quiet "setuptools>=68" wheel "/tmp/deps[router]" \
+ && "$FLEET_HOME/bin/python" -m pip install --quiet "setuptools>=77" wheel "/tmp/deps[router]" \
  && "$FLEET_HOME/bin/python" -m pip uninstall --quiet --yes sglang-fleet \
  && rm -rf /tmp/deps
 
