@@ -12,8 +12,9 @@
 # compose stop_grace_period: 90s, Kubernetes terminationGracePeriodSeconds: 90, Nomad kill_timeout.
 # No secrets are baked in: pass HF_TOKEN, CONSUL_HTTP_TOKEN, FLEET_ROUTER_API_KEY at run time.
 
-# SGLang 0.5.20, CUDA 13 (lmsysorg/sglang:v0.5.19-cu129 is the last CUDA 12 image).
-ARG BASE_IMAGE=lmsysorg/sglang:v0.5.20-cu130
+# The SGLang release whose own parser checks every command line sglang-fleet emits (tests/conformance).
+# Older bases need SGLang >= 0.5.22 for --attn-dp-size (DeepSeek presets); see docs/deployment.md.
+ARG BASE_IMAGE=lmsysorg/sglang:v0.5.23
 
 FROM ${BASE_IMAGE} AS runtime
 ARG PYTHON=python3

@@ -78,7 +78,7 @@ job "sglang-fleet" {
       task "node" {
         driver       = "docker"
         kill_signal  = "SIGTERM"
-        # Withdraw the serving registration, then stop the engine (FLEET_STOP_GRACE 30 s + margin).
+        # Withdraw the serving registration, drain, stop the engine: FLEET_DRAIN_TIMEOUT 30 s + FLEET_STOP_GRACE 30 s + 15 s = 75 s <= 90 s.
         kill_timeout = "90s"
 
         config {

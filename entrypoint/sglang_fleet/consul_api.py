@@ -7,7 +7,7 @@ rest of the appliance reasons about (Patroni `dcs/consul.py` `catch_consul_error
   Retry with backoff; never read as a membership change.
 - `ConsulConflict`: a failed CAS, lock acquisition or transaction. Somebody else won; re-read.
 - `ConsulNotFound`: the agent does not know a check/service we refer to (e.g. after the agent lost its
-  state in a restart); the caller re-registers.
+  state in a restart), or a session we write with was invalidated; the caller re-registers or rejoins.
 
 Values are bytes in and out of KV; helpers below encode JSON. Blocking queries return `(index, data)`
 with the index already sanitised as PROTOCOL.md asks (reset to 0 when it goes backwards).
@@ -43,7 +43,8 @@ class ConsulConflict(ConsulError):
 
 
 class ConsulNotFound(ConsulError):
-    """The agent does not know the check or service named (it may have lost its state)."""
+    """The agent does not know the check or service named (it may have lost its state), or the session
+    a write names is gone (invalidated: Consul answers 500 "invalid session", which no retry cures)."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ def _classify(exc: BaseException, what: str) -> ConsulError:
         return ConsulConflict(f"{what}: {_short(text)}")
     if isinstance(exc, consul.exceptions.NotFound):
         return ConsulNotFound(f"{what}: {_short(text)}")
-    if "does not have associated TTL" in text or "Unknown check" in text or "Unknown service" in text:
+    if ("does not have associated TTL" in text or "Unknown check" in text or "Unknown service" in text
+            or "invalid session" in text):
         return ConsulNotFound(f"{what}: {_short(text)}")
     if isinstance(exc, consul.ConsulException) and text[:1] == "5":
         return ConsulUnavailable(f"{what}: {_short(text)}")

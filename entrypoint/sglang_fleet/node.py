@@ -146,9 +146,10 @@ class Node(Leaving):
 
     def _sleep(self, seconds: float) -> None:
         """Sleeps until the watcher or a signal wakes us, at most `seconds`."""
-        if seconds > 0 and self.wake.wait(seconds):
+        # Clear only a wake we saw: one set just after wait() timed out must wake the next sleep.
+        if self.wake.wait(seconds) if seconds > 0 else self.wake.is_set():
+            self.wake.clear()
             self.fresh_needed = True  # something changed: the next cycle reads Consul
-        self.wake.clear()
 
     def _wait(self, seconds: float) -> None:
         """Ask the loop to wait up to `seconds` (or until the watcher/a signal wakes it) before the next cycle."""
@@ -208,7 +209,11 @@ class Node(Leaving):
                              own_failure=False, txn=self.assignment is not None)
 
         if self.rank is None:
-            rank, sentence = self.rdv.claim_rank(view, self.session)
+            try:
+                rank, sentence = self.rdv.claim_rank(view, self.session)
+            except ca.ConsulNotFound:  # invalidated while we waited for a rank: no retry brings it back
+                return self._end(None, f"my session in generation {g} is gone (heartbeat missed?); rejoining",
+                                 own_failure=False, txn=False)
             if rank is None:
                 self._wait(1.0)
             else:
@@ -282,7 +287,10 @@ class Node(Leaving):
                 return f"generation {a.generation} stable for {self.cfg.stable_after:g} s; failure count reset"
             self._wait(0.5)
             return f"rank {a.rank} of {a.nnodes}, engine ready in generation {a.generation}"
-        # EXITED or UNHEALTHY: our engine failed. Was it a peer's failure first (NCCL abort)?
+        # EXITED or UNHEALTHY: our engine failed. Stop the router sending to it before anything else.
+        if self.serving:
+            return self._withdraw_serving()
+        # Was it a peer's failure first (NCCL abort)?
         reason = self.engine.reason
         if self.engine_failed_at is None:
             self.engine_failed_at = now

@@ -85,10 +85,21 @@ class RouterAgent:
         api = self._consul_factory(self.cfg.consul)
         index, last = 0, None
         retrying = self._retrying((ConsulError,), cap=min(self.cfg.backoff_max, 10.0))
+
+        def health_service():
+            nonlocal index
+            try:
+                return api.health_service(SERVICE, tag=f"cluster:{self.cfg.cluster}", passing=True, index=index,
+                                          wait=WATCH_WAIT)
+            except ConsulError:
+                # A restarted or re-elected Consul may be behind our index: asking with it would block a
+                # whole wait for nothing (PROTOCOL.md "Blocking queries"). Ask afresh.
+                index = 0
+                raise
+
         while not self._stop.is_set():
             try:
-                index, entries = retrying(api.health_service, SERVICE, tag=f"cluster:{self.cfg.cluster}",
-                                          passing=True, index=index, wait=WATCH_WAIT)
+                index, entries = retrying(health_service)
             except ConsulError as e:
                 if not self._stop.is_set():  # pragma: no cover - retrying only gives up on shutdown
                     self.log.error("consul watch failed", error=str(e))
@@ -281,15 +292,8 @@ def advertise_addr(cfg: FleetConfig) -> str:
         return cfg.advertise_addr
     if cfg.router_host not in ("0.0.0.0", "::", ""):
         return cfg.router_host
-    try:
-        from sglang_fleet.launch import resolve_advertise_addr
-        return resolve_advertise_addr(cfg)
-    except ImportError:  # pragma: no cover - launch.py is always there in a release
-        import socket
-        host, port = cfg.consul.host_port
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((host, port))
-            return s.getsockname()[0]
+    from sglang_fleet.launch import resolve_advertise_addr
+    return resolve_advertise_addr(cfg)
 
 
 def run(cfg: FleetConfig) -> int:
@@ -300,7 +304,5 @@ def run(cfg: FleetConfig) -> int:
     return agent.run()
 
 
-from sglang_fleet.router_view import format_router_view, router_view  # noqa: E402  (status uses these)
-
 __all__ = ["DesiredWorker", "ROLE_BY_MODE", "RouterAgent", "advertise_addr", "choose_mode", "desired_from_services",
-           "format_router_view", "reconcile", "router_view", "run"]
+           "reconcile", "run"]

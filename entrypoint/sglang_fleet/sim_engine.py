@@ -177,7 +177,8 @@ class SimEngine:
         self.started_at = time.time()
         self._done = threading.Event()
         self._code = 0
-        self._lock = threading.RLock()  # the signal handler may run while the main thread holds it
+        self._signalled: int | None = None  # the signal that stopped us (the handler only records it)
+        self._lock = threading.Lock()
         self.http = None
         self.kv = None
 
@@ -194,11 +195,10 @@ class SimEngine:
                 self._done.set()
 
     def _on_signal(self, signum, _frame):
-        with self._lock:
-            if not self._done.is_set():
-                self.log.info(f"sim engine stopping on {signal.Signals(signum).name}")
-                self._code = 0
-                self._done.set()
+        # Only flags: a handler that locks or logs can wait on another thread or re-enter a stdout write.
+        if not self._done.is_set():
+            self._signalled = signum
+            self._done.set()
 
     def _wait_until(self, predicate, deadline: float) -> bool:
         while not predicate():
@@ -251,6 +251,8 @@ class SimEngine:
     def _finish(self) -> int:
         self._done.wait()
         self.ready.clear()
+        if self._signalled is not None:
+            self.log.info(f"sim engine stopping on {signal.Signals(self._signalled).name}")
         return self._code
 
 

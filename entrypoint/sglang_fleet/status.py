@@ -2,7 +2,7 @@
 
 For every group: its generation, members (rank, node, address, heartbeat health), nodes waiting without
 a rank, the leader (dist-init) address, the serving registration and its health, and why the previous
-generation ended. Then what each router routes to (router_view.py, when present).
+generation ended. Then what each router routes to (router_view.py).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 from sglang_fleet import consul_api as ca
 from sglang_fleet import registration as reg
 from sglang_fleet import rendezvous as rdv
+from sglang_fleet import router_view
 from sglang_fleet.config import FleetConfig
 
 WORST = ("critical", "warning", "maintenance", "passing")
@@ -107,8 +108,9 @@ def format_text(data: dict[str, Any]) -> str:
         if g["last_ended"]:
             e = g["last_ended"]
             lines.append(f"  generation {e['generation']} ended by {e.get('by')}: {e.get('reason')}")
-    if "routers" in data:
-        lines.append(data.get("routers_text") or json.dumps(data["routers"]))
+    routers = data.get("routers")
+    if routers:
+        lines.append(f"routers: {routers['error']}" if "error" in routers else router_view.format_router_view(routers))
     return "\n".join(lines)
 
 
@@ -119,27 +121,10 @@ def run(cfg: FleetConfig, as_json: bool = False) -> int:
     except ca.ConsulError as exc:
         print(f"sglang-fleet status: cannot read Consul at {api.address}: {exc}", file=sys.stderr)
         return 1
-    # ---- ROUTER hook: what each router routes to (router_view.py, owned by the router part) ----
     try:
-        from sglang_fleet import router_view
-    except ImportError:
-        router_view = None
-    if router_view is not None:
-        try:
-            view = router_view.router_view(api, cfg)
-            data["routers"] = view
-            fmt = getattr(router_view, "format_router_view", None)
-            if fmt is not None:
-                data_text = fmt(view)
-                if not as_json:
-                    data["routers_text"] = data_text
-        except Exception as exc:  # noqa: BLE001 - status must work without a router
-            data["routers"] = {"error": f"router view unavailable: {exc}"}
-    # ---- end of ROUTER hook ----
-    if as_json:
-        data.pop("routers_text", None)
-        print(json.dumps(data, indent=2, sort_keys=True))
-    else:
-        print(format_text(data))
+        data["routers"] = router_view.router_view(api, cfg)
+    except Exception as exc:  # noqa: BLE001 - status must work without a router
+        data["routers"] = {"error": f"router view unavailable: {exc}"}
+    print(json.dumps(data, indent=2, sort_keys=True) if as_json else format_text(data))
     api.close()
     return 0

@@ -41,6 +41,9 @@ def test_kv_cas_lock_txn_and_sessions(consul_api, cluster_name):
     assert consul_api.session_info(s1) is None
     _, tree = consul_api.kv_get_tree(f"{k}/")
     assert [e.key for e in tree] == [f"{k}/gen"]
+    # A write with an invalidated session is Consul's 500 "invalid session": not an outage to retry.
+    with pytest.raises(ca.ConsulNotFound, match="invalid session"):
+        consul_api.kv_acquire(f"{k}/g0/ranks/1", "a", s1)
     consul_api.session_destroy(s2)
     consul_api.kv_delete_tree(f"{k}/")
     assert consul_api.kv_get_tree(f"{k}/")[1] == []

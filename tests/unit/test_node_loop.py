@@ -5,9 +5,12 @@ tests/integration/test_node.py.
 """
 from __future__ import annotations
 
+import threading
+
 import pytest
 import structlog
 
+from sglang_fleet import consul_api as ca
 from sglang_fleet import drain as dr
 from sglang_fleet import node as node_mod
 from sglang_fleet.engine import EngineState
@@ -33,6 +36,11 @@ class FakeAPI(FakeStore):
     def session_destroy(self, sid):
         self.calls.append(("session_destroy", sid))
         super().session_destroy(sid)
+
+    def kv_acquire(self, key, value, session):
+        if session not in self.sessions:  # what consul_api makes of Consul's 500 "invalid session"
+            raise ca.ConsulNotFound(f'kv_acquire: 500 invalid session "{session}"')
+        super().kv_acquire(key, value, session)
 
 
 class ScriptedEngine:
@@ -141,6 +149,17 @@ def test_own_engine_failure_spends_budget_then_fatal(world):
             n.run_cycle()
 
 
+def test_rank0_withdraws_at_once_when_its_engine_fails(world):
+    api, calls, engines = world
+    a, b = serving_pair(api, engines)
+    del calls[:]
+    engines["a"].state, engines["a"].reason = EngineState.UNHEALTHY, "engine stuck: /health failed 3 times"
+    # Withdrawn before the settle time that looks for a peer's failure: the router stops sending now.
+    assert cycle_until(a, "withdrew", limit=3) == "withdrew serving registration sglang-c-g"
+    assert cycle_until(a, "checking whether a peer left first", limit=3)
+    assert calls == [("deregister", "sglang-c-g")]
+
+
 def test_start_attempts_retry_within_the_generation(world):
     api, calls, engines = world
     n = make_node(api, "solo", FLEET_NNODES=1, FLEET_TP_SIZE=1, FLEET_GROUP="", FLEET_START_ATTEMPTS=2)
@@ -149,6 +168,41 @@ def test_start_attempts_retry_within_the_generation(world):
     assert "engine start attempt 1/2 failed" in cycle_until(n, "start attempt")
     cycle_until(n, "engine started (pid 4242, attempt 2)")
     assert n.failures == 0 and n.generation == 0
+
+
+def test_session_invalidated_while_waiting_for_a_rank_rejoins(world):
+    api, calls, engines = world
+    a, b = make_node(api, "a", FLEET_NODE_RANK=0), make_node(api, "bb", FLEET_NODE_RANK=0)
+    cycle_until(a, "claimed rank 0 of 2 in generation 0")
+    cycle_until(b, "rank 0 (FLEET_NODE_RANK) is held by a in generation 0")
+    api.session_destroy(b.session)  # bb's heartbeat lapsed while it waited
+    api.session_destroy(a.session)  # then rank 0 frees up: bb must not retry its dead session forever
+    assert cycle_until(b, "is gone") == "my session in generation 0 is gone (heartbeat missed?); rejoining"
+    cycle_until(b, "joined generation 0 with session")
+    cycle_until(b, "claimed rank 0 of 2 in generation 0")
+    assert b.failures == 0
+
+
+def test_a_wake_just_after_a_timed_out_sleep_is_not_lost(world):
+    api, calls, engines = world
+
+    class LateWake(threading.Event):
+        """The watcher's set() lands between wait() timing out and the loop looking at the event."""
+        late = True
+
+        def wait(self, timeout=None):
+            woke = super().wait(timeout)
+            if self.late:
+                self.late = False
+                self.set()
+                return False
+            return woke
+
+    n = make_node(api, "a")
+    n.wake, n.fresh_needed = LateWake(), False
+    n._sleep(0.01)
+    n._sleep(0.5)
+    assert n.fresh_needed  # the change is read in the next cycle, not up to RE_READ_EVERY later
 
 
 def test_backoff_grows_and_is_capped():

@@ -58,3 +58,10 @@ def test_groups_members_waiting_serving_and_last_end():
 def test_empty_cluster():
     data = status.collect(Answers([], {}), "c")
     assert data["groups"] == [] and status.format_text(data).startswith("cluster c (Consul 127.0.0.1:8500): 0 group")
+
+
+def test_router_view_error_is_one_readable_line():
+    data = status.collect(Answers([], {}), "c")
+    data["routers"] = {"error": "router view unavailable: health_service: 500 No cluster leader"}
+    assert status.format_text(data).splitlines()[-1] == \
+        "routers: router view unavailable: health_service: 500 No cluster leader"

@@ -1,8 +1,9 @@
 """The router's pure parts: Consul entries -> desired workers, reconcile, mode choice, smg's argv."""
 from __future__ import annotations
 
+from sglang_fleet import consul_api as ca
 from sglang_fleet.config import load_config
-from sglang_fleet.router import DesiredWorker, choose_mode, desired_from_services, reconcile
+from sglang_fleet.router import DesiredWorker, RouterAgent, choose_mode, desired_from_services, reconcile
 from sglang_fleet.smg_client import RouterWorker
 from sglang_fleet.smg_process import smg_argv, smg_env
 
@@ -165,3 +166,26 @@ def test_smg_env_drops_our_settings_and_secrets():
     env = smg_env({"PATH": "/bin", "FLEET_ROUTER_API_KEY": "k", "CONSUL_HTTP_TOKEN": "t", "HOME": "/root"})
     assert env["PATH"] == "/bin" and env["HOME"] == "/root"
     assert "FLEET_ROUTER_API_KEY" not in env and "CONSUL_HTTP_TOKEN" not in env
+
+
+# ---- the Consul watch --------------------------------------------------------------------------------
+def test_watch_asks_afresh_after_a_consul_error():
+    """A failed blocking query is retried with index 0, not the old index (PROTOCOL.md "Blocking queries")."""
+    cfg = load_config({"FLEET_ROLE": "router", "FLEET_BACKOFF_BASE": "0"})
+    sent: list[int] = []
+
+    class FlakyConsul:
+        def __init__(self, settings):
+            pass
+
+        def health_service(self, name, tag=None, passing=True, index=0, wait="10s"):
+            sent.append(index)
+            if len(sent) == 2:
+                raise ca.ConsulUnavailable("health_service: 500 No cluster leader")
+            if len(sent) == 3:
+                agent.stop()
+            return 500, []
+
+    agent = RouterAgent(cfg, smg=object(), consul_factory=FlakyConsul)
+    agent._watch()
+    assert sent == [0, 500, 0]

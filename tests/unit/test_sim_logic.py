@@ -1,9 +1,12 @@
 """Pure parts of the sim engine: argv and knobs, the hello check, generated text, request shapes, KV rooms."""
 from __future__ import annotations
 
+import signal
 import threading
 
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
 from sglang_fleet import sim_engine, sim_group, sim_http, sim_kv
 from sglang_fleet.sim_engine import SimArgError, parse_args
@@ -132,3 +135,17 @@ def test_kv_rooms_wait_for_the_prefill_and_hand_over_once():
     for room in (1, 2, 3):
         rooms.put(room, {"kv": "x"})
     assert rooms.stored() == 2 and rooms.take(1, wait=0) is None  # oldest dropped
+
+
+def test_stop_signal_never_waits_on_another_thread_and_exits_0():
+    """The handler only records the signal: a thread failing at the same moment (holding the lock) cannot
+    block it, and the stop is logged by the main thread afterwards."""
+    engine = sim_engine.SimEngine(parse_args([], env={}), structlog.get_logger("sim"))
+    with engine._lock:  # e.g. fail() running in a group-connection thread
+        handler = threading.Thread(target=engine._on_signal, args=(signal.SIGTERM, None), daemon=True)
+        handler.start()
+        handler.join(2.0)
+        assert not handler.is_alive()
+    with capture_logs() as logs:
+        assert engine._finish() == 0
+    assert [e["event"] for e in logs] == ["sim engine stopping on SIGTERM"]
