@@ -2,27 +2,25 @@
 
 API (the node loop is the only caller, from its own thread; make one Engine per generation, since
 rank and generation are bound into its log context; start() may be called again after a failure):
-  engine = Engine(health_url, rank, *, ready_timeout=1800, stop_grace=30, start_attempts=3,
-                  backoff_base=1, backoff_max=60, context={"group": g, "generation": G, "rank": r})
+  engine = Engine(health_url, rank, *, ready_timeout=1800, stop_grace=30,
+                  context={"group": g, "generation": G, "rank": r})
   engine = Engine.from_config(cfg, rank, **context)       # same, settings taken from FleetConfig
   engine.start(launch) -> str          # spawn launch.argv with launch.env; state STARTING (or EXITED)
   engine.poll() -> EngineState         # cheap, non-blocking; does the transitions; call every cycle
-  engine.wait_ready(deadline=None, stop_event=None) -> EngineState   # blocks while STARTING
-  engine.start_with_retries(launch, stop_event) -> str   # start + wait ready, tenacity retries;
-        raises EngineStartFailed(reason) after start_attempts, EngineStartCancelled on shutdown
   engine.stop(grace=None) -> str       # SIGTERM to the group, grace, SIGKILL; reaps; idempotent
   engine.state, .reason (last sentence), .failed (EXITED/UNHEALTHY), .pid, .returncode, .history
 
 States (supervisord's process.py, plus UNHEALTHY for an engine that is alive but not serving):
   STOPPED -> STARTING -> RUNNING -> STOPPING -> STOPPED;  STARTING/RUNNING -> EXITED (process died)
   STARTING -> UNHEALTHY (not ready in time);  RUNNING -> UNHEALTHY (/health failed N times in a row)
-  start_with_retries: failed attempt -> BACKOFF -> STARTING ...; attempts spent -> FATAL.
-EXITED and UNHEALTHY are local failures: the node loop ends the generation and calls stop().
+EXITED and UNHEALTHY are local failures. Retrying a start (tenacity's exponential backoff with jitter,
+FLEET_START_ATTEMPTS) and giving up (FATAL) belong to the node loop, not here: a start that blocked until
+ready (model loading takes up to FLEET_READY_TIMEOUT) would blind the loop to its peers meanwhile.
 
 The engine never outlives its supervisor: on Linux it is spawned with PR_SET_PDEATHSIG=SIGKILL, so a
 kill -9 of the supervisor kills it too (SGLang's own scheduler/detokenizer processes do the same towards
 launch_server). The kernel ties that signal to the *thread* that forked, not the process: call start()
-(and start_with_retries()) only from a thread that lives as long as the engine should, i.e. the node
+only from a thread that lives as long as the engine should, i.e. the node
 loop's thread (the main thread in `sglang-fleet node`), never from a short-lived helper thread.
 
 Readiness: rank 0 when GET /health answers 200 (SGLang runs a one-token generation there); ranks > 0
@@ -44,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
 import structlog
-import tenacity
 
 from sglang_fleet import process_group as pg
 
@@ -64,23 +61,9 @@ class EngineState(enum.Enum):
     STOPPING = "STOPPING"
     EXITED = "EXITED"
     UNHEALTHY = "UNHEALTHY"
-    BACKOFF = "BACKOFF"
-    FATAL = "FATAL"
 
 
 FAILED_STATES = frozenset({EngineState.EXITED, EngineState.UNHEALTHY})
-
-
-class EngineStartFailed(Exception):
-    """The engine did not become ready (after all attempts, when raised by start_with_retries)."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-        super().__init__(reason)
-
-
-class EngineStartCancelled(Exception):
-    """Shutdown was requested while the engine was starting or backing off."""
 
 
 class Launch(Protocol):
@@ -115,17 +98,13 @@ def probe(url: str, timeout: float) -> str | None:
 
 class Engine:
     def __init__(self, health_url: str, rank: int, *, ready_timeout: float = 1800.0,
-                 stop_grace: float = 30.0, start_attempts: int = 3, backoff_base: float = 1.0,
-                 backoff_max: float = 60.0, probe_interval: float = PROBE_INTERVAL,
+                 stop_grace: float = 30.0, probe_interval: float = PROBE_INTERVAL,
                  probe_timeout: float = PROBE_TIMEOUT, health_interval: float = HEALTH_INTERVAL,
                  health_failures: int = HEALTH_FAILURES, context: Mapping[str, Any] | None = None):
         self.health_url = health_url
         self.rank = rank
         self.ready_timeout = ready_timeout
         self.stop_grace = stop_grace
-        self.start_attempts = start_attempts
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
         self.health_interval = health_interval
@@ -141,8 +120,7 @@ class Engine:
     @classmethod
     def from_config(cls, cfg, rank: int, **context: Any) -> "Engine":
         return cls(f"http://127.0.0.1:{cfg.http_port}/health", rank, ready_timeout=cfg.ready_timeout,
-                   stop_grace=cfg.stop_grace, start_attempts=cfg.start_attempts,
-                   backoff_base=cfg.backoff_base, backoff_max=cfg.backoff_max, context=context)
+                   stop_grace=cfg.stop_grace, context=context)
 
     # -- observation -------------------------------------------------------------------------
 
@@ -163,7 +141,7 @@ class Engine:
             self.state, self.reason = state, sentence
             self.history = (self.history + [(state, sentence)])[-50:]
         log = self._log()
-        (log.warning if state in FAILED_STATES or state is EngineState.FATAL else log.info)(
+        (log.warning if state in FAILED_STATES else log.info)(
             sentence, state=state.value, **fields)
         return sentence
 
@@ -234,63 +212,13 @@ class Engine:
                          f"(last: {run.last_error})")
         return self.state
 
-    def wait_ready(self, deadline: float | None = None,
-                   stop_event: threading.Event | None = None) -> EngineState:
-        """Blocks while STARTING: until ready, failed, `stop_event` set or `deadline` (monotonic)."""
-        stop_event = stop_event or threading.Event()
-        while self.poll() is EngineState.STARTING:
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            if stop_event.wait(min(0.1, self.probe_interval)):
-                break
-        return self.state
-
-    def start_with_retries(self, launch: Launch, stop_event: threading.Event) -> str:
-        """Start and wait until ready, retried with exponential backoff and jitter.
-
-        A failed attempt (exit before ready, not ready in time) stops what is left of the engine and
-        waits in BACKOFF; `stop_event` cuts that wait short and cancels. Returns the ready sentence.
-        """
-        def attempt() -> str:
-            if stop_event.is_set():
-                raise EngineStartCancelled("shutdown requested before the engine start")
-            self.start(launch)
-            state = self.wait_ready(stop_event=stop_event)
-            if state is EngineState.RUNNING:
-                return self.reason
-            reason = self.reason
-            self.stop()
-            if stop_event.is_set():
-                raise EngineStartCancelled("shutdown requested while the engine was starting")
-            raise EngineStartFailed(reason)
-
-        def before_sleep(rs: tenacity.RetryCallState) -> None:
-            wait = rs.next_action.sleep if rs.next_action else 0.0
-            self._change(EngineState.BACKOFF, f"engine start attempt {rs.attempt_number}/"
-                         f"{self.start_attempts} failed ({rs.outcome.exception()}); retrying in "
-                         f"{wait:.1f} s", attempt=rs.attempt_number, backoff=round(wait, 3))
-
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.start_attempts),
-            wait=tenacity.wait_exponential_jitter(multiplier=self.backoff_base, max=self.backoff_max,
-                                                  jitter=self.backoff_base),
-            retry=tenacity.retry_if_exception_type(EngineStartFailed),
-            sleep=stop_event.wait,  # a backoff that shutdown interrupts
-            before_sleep=before_sleep, reraise=True)
-        try:
-            return retrying(attempt)
-        except EngineStartFailed as e:
-            sentence = self._change(EngineState.FATAL, f"engine failed to start {self.start_attempts} "
-                                    f"time(s); last: {e.reason}")
-            raise EngineStartFailed(sentence) from e
-
     # -- stop --------------------------------------------------------------------------------
 
     def stop(self, grace: float | None = None) -> str:
         """SIGTERM to the whole process group, up to `grace` seconds, then SIGKILL; reaps. Idempotent."""
         run = self._run
         if run is None:
-            if self.state in (EngineState.STOPPED, EngineState.FATAL):
+            if self.state is EngineState.STOPPED:
                 return self.reason
             return self._change(EngineState.STOPPED, f"engine stopped ({self.reason})")
         grace = self.stop_grace if grace is None else grace
@@ -338,4 +266,4 @@ def _pump(stream, name: str, log) -> None:
         pass
 
 
-__all__ = ["Engine", "EngineState", "EngineStartFailed", "EngineStartCancelled", "FAILED_STATES", "probe"]
+__all__ = ["Engine", "EngineState", "FAILED_STATES", "probe"]

@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from fleet_testing import wait_until
 from sglang_fleet.config import FleetConfig
-from sglang_fleet.engine import Engine, EngineStartCancelled, EngineStartFailed, EngineState
+from sglang_fleet.engine import Engine, EngineState
 
 # A stand-in for sglang.launch_server: prints a line to each stream, then behaves as told.
 FAKE_ENGINE = textwrap.dedent('''
@@ -111,8 +111,7 @@ def engines():
 @pytest.fixture
 def new_engine(port: int, engines):
     def make(rank: int = 0, **kw) -> Engine:
-        settings = dict(ready_timeout=15.0, stop_grace=5.0, start_attempts=3, backoff_base=0.05,
-                        backoff_max=1.0, probe_interval=0.05, probe_timeout=2.0, health_interval=0.1,
+        settings = dict(ready_timeout=15.0, stop_grace=5.0, probe_interval=0.05, probe_timeout=2.0, health_interval=0.1,
                         health_failures=3, context={"group": "g1", "generation": 7})
         settings.update(kw)
         engine = Engine(f"http://127.0.0.1:{port}/health", rank, **settings)
@@ -129,6 +128,15 @@ def alive(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2:].split()[0] not in (b"Z", b"X")
 
 
+def wait_ready(engine: Engine, deadline: float | None = None) -> EngineState:
+    """Polls like the node loop does, while the engine is STARTING (until `deadline`, monotonic)."""
+    while engine.poll() is EngineState.STARTING:
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    return engine.state
+
+
 def eventually(check, timeout: float = 10.0):
     return wait_until(check, timeout, "condition", interval=0.05)
 
@@ -140,9 +148,9 @@ def test_rank0_is_ready_only_when_health_answers_200(new_engine, fake, tmp_path)
     assert sentence == f"engine started pid {engine.pid}"
     assert engine.poll() is EngineState.STARTING
     # The server answers, but with 503: not ready.
-    assert engine.wait_ready(deadline=time.monotonic() + 1.0) is EngineState.STARTING
+    assert wait_ready(engine, deadline=time.monotonic() + 1.0) is EngineState.STARTING
     ready.touch()
-    assert engine.wait_ready(deadline=time.monotonic() + 10) is EngineState.RUNNING
+    assert wait_ready(engine, deadline=time.monotonic() + 10) is EngineState.RUNNING
     assert engine.reason.startswith("engine ready after ")
 
     os.kill(engine.pid, signal.SIGKILL)
@@ -156,7 +164,7 @@ def test_rank0_is_ready_only_when_health_answers_200(new_engine, fake, tmp_path)
 def test_rank_above_zero_is_ready_when_alive_and_dummy_health_answers(new_engine, fake):
     engine = new_engine(rank=1)
     engine.start(fake("--serve"))
-    assert engine.wait_ready(deadline=time.monotonic() + 10) is EngineState.RUNNING
+    assert wait_ready(engine, deadline=time.monotonic() + 10) is EngineState.RUNNING
     pid = engine.pid
     os.kill(pid, signal.SIGKILL)
     eventually(lambda: engine.poll() is EngineState.EXITED)
@@ -169,7 +177,7 @@ def test_engine_not_ready_in_time_is_unhealthy(new_engine, fake):
     engine = new_engine(rank=0, ready_timeout=1.0)
     engine.start(fake())  # alive, but nothing listens on the port
     pid = engine.pid
-    assert engine.wait_ready() is EngineState.UNHEALTHY
+    assert wait_ready(engine) is EngineState.UNHEALTHY
     assert engine.reason.startswith("engine not ready after 1 s (last probe: ")
     assert engine.failed and alive(pid)
     engine.stop()
@@ -180,7 +188,7 @@ def test_running_engine_whose_health_keeps_failing_is_stuck(new_engine, fake, tm
     sick = tmp_path / "sick"
     engine = new_engine(rank=0)
     engine.start(fake("--serve", "--sick-file", str(sick)))
-    assert engine.wait_ready(deadline=time.monotonic() + 10) is EngineState.RUNNING
+    assert wait_ready(engine, deadline=time.monotonic() + 10) is EngineState.RUNNING
     sick.touch()
     eventually(lambda: engine.poll() is EngineState.UNHEALTHY)
     assert engine.reason == "engine stuck: /health failed 3 times (last: HTTP 500)"
@@ -238,86 +246,19 @@ def test_output_lines_become_log_events_with_context(new_engine, fake):
     assert "engine exited with code 0 before ready" in sentences
 
 
-def test_exit_before_ready_is_retried_with_backoff_then_start_failed(new_engine, fake, tmp_path):
-    count = tmp_path / "count"
-    engine = new_engine(start_attempts=3)
-    with capture_logs() as events, pytest.raises(EngineStartFailed) as raised:
-        engine.start_with_retries(fake("--exit-code", "3", "--count-file", str(count)), threading.Event())
-    assert str(raised.value) == ("engine failed to start 3 time(s); last: engine exited with code 3 "
-                                 "before ready")
-    assert count.read_text().split() == ["start"] * 3
-    assert engine.state is EngineState.FATAL
-    backoffs = [e["backoff"] for e in events if e.get("state") == "BACKOFF"]
-    assert len(backoffs) == 2 and 0.05 <= backoffs[0] <= backoffs[1] <= 1.0  # exponential, capped
-    assert engine.stop() == engine.reason  # FATAL stays FATAL
-
-
-def test_retry_succeeds_after_an_early_exit(new_engine, fake, tmp_path):
-    count = tmp_path / "count"
-    engine = new_engine(start_attempts=3)
-    sentence = engine.start_with_retries(
-        fake("--serve", "--fail-first", "1", "--count-file", str(count)), threading.Event())
-    assert sentence.startswith("engine ready after ")
-    assert engine.state is EngineState.RUNNING
-    assert count.read_text().split() == ["start"] * 2
-    states = [s for s, _ in engine.history]
-    assert states[:6] == [EngineState.STARTING, EngineState.EXITED, EngineState.STOPPING, EngineState.STOPPED,
-                          EngineState.BACKOFF, EngineState.STARTING]
-
-
-def test_not_ready_in_time_is_a_failed_attempt(new_engine, fake):
-    engine = new_engine(start_attempts=2, ready_timeout=0.5)
-    with pytest.raises(EngineStartFailed, match=r"2 time\(s\); last: engine not ready after 0.5 s"):
-        engine.start_with_retries(fake(), threading.Event())
-
-
-def test_shutdown_interrupts_backoff_promptly(new_engine, fake, tmp_path):
-    count = tmp_path / "count"
-    engine = new_engine(start_attempts=3, backoff_base=60.0, backoff_max=120.0)
-    shutdown = threading.Event()
-    outcome: list[BaseException] = []
-
-    def run():
-        try:
-            engine.start_with_retries(fake("--exit-code", "1", "--count-file", str(count)), shutdown)
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
-            outcome.append(e)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    eventually(lambda: engine.state is EngineState.BACKOFF)
-    shutdown.set()
-    worker.join(timeout=10)  # far below the 60 s backoff
-    assert not worker.is_alive()
-    assert len(outcome) == 1 and isinstance(outcome[0], EngineStartCancelled)
-    assert count.read_text().split() == ["start"]
-
-
-def test_shutdown_while_starting_stops_the_engine(new_engine, fake):
-    engine = new_engine()
-    shutdown = threading.Event()
-    threading.Timer(0.5, shutdown.set).start()
-    with pytest.raises(EngineStartCancelled):
-        engine.start_with_retries(fake(), shutdown)  # never ready
-    assert engine.state is EngineState.STOPPED
-
-
 def test_missing_executable_is_a_failed_start(new_engine):
-    engine = new_engine(start_attempts=2)
+    engine = new_engine()
     missing = Launch(["/nonexistent/python", "-m", "sglang.launch_server"])
     assert engine.start(missing).startswith("engine could not be started: ")
     assert engine.poll() is EngineState.EXITED
-    with pytest.raises(EngineStartFailed, match="could not be started"):
-        engine.start_with_retries(missing, threading.Event())
+    assert engine.failed
 
 
 def test_from_config_takes_the_supervision_settings():
-    cfg = FleetConfig(http_port=31000, ready_timeout=60.0, stop_grace=3.0, start_attempts=4,
-                      backoff_base=2.0, backoff_max=8.0)
+    cfg = FleetConfig(http_port=31000, ready_timeout=60.0, stop_grace=3.0)
     engine = Engine.from_config(cfg, 1, group="g", generation=3)
     assert engine.health_url == "http://127.0.0.1:31000/health"
-    assert (engine.ready_timeout, engine.stop_grace, engine.start_attempts, engine.backoff_base,
-            engine.backoff_max) == (60.0, 3.0, 4, 2.0, 8.0)
+    assert (engine.ready_timeout, engine.stop_grace) == (60.0, 3.0)
     assert engine.context == {"rank": 1, "group": "g", "generation": 3}
 
 
