@@ -33,7 +33,7 @@ ROCE_MIN_MTU = 4096  # RoCE wants jumbo frames (the guide: mtu 9000)
 CONSUL_TIMEOUT = 2.0
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")
 # Checks only a GPU node running the real engine needs, and why the router and the sim engine skip them.
-ENGINE_CHECKS = {"gpu": "no GPU needed", "nccl": "no NCCL used", "rdma": "no RDMA used",
+ENGINE_CHECKS = {"sglang": "SGLang not used", "gpu": "no GPU needed", "nccl": "no NCCL used", "rdma": "no RDMA used",
                  "model": "no model files loaded", "memory": "no shared or locked memory needed"}
 # Runs in FLEET_ENGINE_PYTHON (the interpreter that has SGLang), not in the supervisor's own Python.
 NCCL_PROBE = """import json
@@ -147,6 +147,31 @@ def nccl_version(raw: int | list[int]) -> tuple[int, ...]:
         major = 10000 if raw >= 10000 else 1000
         return raw // major, raw % major // 100, raw % 100
     return tuple(int(x) for x in raw)
+
+
+def check_sglang(cfg: FleetConfig, host: Host) -> Check:
+    """The engine's SGLang against the release whose flags sglang-fleet emits."""
+    py, target = cfg.engine_python, ".".join(map(str, launch.SGLANG_TARGET))
+    try:
+        proc = subprocess.run([py, "-c", "import importlib.metadata as m; print(m.version('sglang'))"],
+                              capture_output=True, text=True, timeout=60,
+                              env=None if host.env is None else dict(host.env))
+    except FileNotFoundError:
+        return Check("sglang", FAIL, f"FLEET_ENGINE_PYTHON={py!r} does not exist: point it at the Python with SGLang.")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return Check("sglang", WARN, f"could not ask {py} for its SGLang version ({e}).")
+    found = proc.stdout.strip()
+    if proc.returncode or not found:
+        return Check("sglang", FAIL, f"SGLang is not installed for FLEET_ENGINE_PYTHON={py}: use the SGLang image, "
+                     f"or point FLEET_ENGINE_PYTHON at the Python that has it.")
+    have = tuple(int(x) for x in re.findall(r"\d+", found)[:3])
+    if cfg.attn_dp and have < launch.SGLANG_MIN_ATTN_DP:
+        return Check("sglang", FAIL, f"SGLang {found} has no --attn-dp-size, which FLEET_ATTN_DP=1 emits: use SGLang "
+                     f">= {'.'.join(map(str, launch.SGLANG_MIN_ATTN_DP))} (the image's default base is {target}).")
+    if have != launch.SGLANG_TARGET:
+        return Check("sglang", WARN, f"SGLang {found}; sglang-fleet emits SGLang {target}'s flags: compare "
+                     f"`sglang-fleet plan` with `{py} -m sglang.launch_server --help`.")
+    return Check("sglang", OK, f"SGLang {found} in {py}, the release sglang-fleet's command lines are checked against.")
 
 
 def check_nccl(cfg: FleetConfig, host: Host) -> Check:
@@ -387,7 +412,8 @@ def run_checks(cfg: FleetConfig, host: Host | None = None, consul_timeout: float
     plan = make_plan(cfg, host)
     consul_check, api = check_consul(cfg, consul_timeout)
     steps = [
-        ("config", lambda: check_config(cfg, plan)), ("gpu", lambda: check_gpu(cfg, host)),
+        ("config", lambda: check_config(cfg, plan)), ("sglang", lambda: check_sglang(cfg, host)),
+        ("gpu", lambda: check_gpu(cfg, host)),
         ("nccl", lambda: check_nccl(cfg, host)), ("rdma", lambda: check_rdma(cfg, plan)),
         ("network", lambda: check_network(cfg, plan, host)), ("ports", lambda: check_ports(cfg)),
         ("model", lambda: check_model(cfg)), ("memory", lambda: check_memory(cfg, host)),

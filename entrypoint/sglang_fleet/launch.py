@@ -25,6 +25,10 @@ from sglang_fleet import netprofile
 from sglang_fleet.config import EX_CONFIG, ConfigError, FleetConfig
 
 SGLANG_MODULE = "sglang.launch_server"
+# The SGLang release whose own parser checks every command line built here (tests/conformance), and the
+# oldest that takes `--attn-dp-size` as a flag (0.5.20/0.5.21 spell it --dp-size N --enable-dp-attention).
+SGLANG_TARGET = (0, 5, 23)
+SGLANG_MIN_ATTN_DP = (0, 5, 22)
 
 # The guide's (or older SGLang's) spellings -> what SGLang 0.5.23 accepts without prefix matching or
 # deprecation warnings. `enable-dp-attention` and `disable-cuda-graph` are handled separately below.

@@ -128,6 +128,33 @@ def test_nccl_fails_on_a_missing_engine_python(tmp_path):
     assert check.status == doctor.FAIL and "FLEET_ENGINE_PYTHON" in check.detail
 
 
+# ---- SGLang ------------------------------------------------------------------------------------------
+def fake_sglang(tmp_path: Path, version: str) -> dict[str, str]:
+    """An installed-package record of `sglang` (what importlib.metadata reads), for the probe's subprocess."""
+    info = tmp_path / "site" / f"sglang-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: sglang\nVersion: {version}\n")
+    return {"PYTHONPATH": str(info.parent), "PATH": os.environ.get("PATH", "")}
+
+
+@pytest.mark.parametrize("version, attn_dp, status, text", [
+    ("0.5.23", 0, doctor.OK, "SGLang 0.5.23"),
+    ("0.5.24", 0, doctor.WARN, "compare `sglang-fleet plan`"),
+    ("0.5.21", 0, doctor.WARN, "0.5.23's flags"),
+    ("0.5.21", 1, doctor.FAIL, "no --attn-dp-size"),
+    ("0.5.22", 1, doctor.WARN, "0.5.23's flags"),
+])
+def test_sglang_version_against_the_flags_emitted(tmp_path, version, attn_dp, status, text):
+    cfg = cfg_of(engine_python=sys.executable, attn_dp=attn_dp, dp_size=2, tp_size=2)
+    check = doctor.check_sglang(cfg, host(tmp_path, env=fake_sglang(tmp_path, version)))
+    assert (check.status, text in check.detail) == (status, True), check.detail
+
+
+def test_sglang_missing_fails_and_names_the_python(tmp_path):
+    check = doctor.check_sglang(cfg_of(engine_python=sys.executable), host(tmp_path, env={"PYTHONPATH": ""}))
+    assert check.status == doctor.FAIL and f"FLEET_ENGINE_PYTHON={sys.executable}" in check.detail
+
+
 # ---- RDMA --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tree, profile, nnodes, status, text", [
     ("infiniband", "auto", 2, doctor.OK, "profile infiniband (auto)"),
@@ -320,7 +347,7 @@ def test_peers_report_members_and_fingerprint_mismatches():
 def test_sim_engine_skips_the_gpu_checks(tmp_path):
     checks = doctor.run_checks(cfg_of(engine="sim"), host(tmp_path))
     by_name = {c.name: c for c in checks}
-    assert [c.name for c in checks] == ["config", "gpu", "nccl", "rdma", "network", "ports", "model", "memory",
+    assert [c.name for c in checks] == ["config", "sglang", "gpu", "nccl", "rdma", "network", "ports", "model", "memory",
                                         "consul", "peers"]
     assert by_name["gpu"].status == doctor.SKIP and "sim engine: no GPU" in by_name["gpu"].detail
     assert all(by_name[n].status == doctor.SKIP for n in doctor.ENGINE_CHECKS)
