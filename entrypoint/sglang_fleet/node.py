@@ -197,6 +197,12 @@ class Node(Leaving):
             return self._end(None, why, own_failure=False, txn=False)
 
         if self.session is None:
+            if not self.heartbeat.keeping_up():
+                # The session lives only as long as our own passes keep the check passing (registration.py
+                # Heartbeat.keeping_up): joining on a check passed by a stale request dooms the generation.
+                self._wait(0.5)
+                why = f" ({self.heartbeat.last_error})" if self.heartbeat.last_error else ""
+                return f"waiting for the heartbeat to reach Consul before joining generation {view.generation}{why}"
             self.session = self.rdv.create_session(self.heartbeat.check_id)
             self.generation, self.joined_gen_index = view.generation, view.gen_index
             self.joined_reregistrations = self.heartbeat.re_registrations

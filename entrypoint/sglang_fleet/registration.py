@@ -26,6 +26,8 @@ HEARTBEAT_INTERVAL = 1.0
 DEREGISTER_AFTER = "1m"  # Consul raises anything lower to 1 m
 HEALTH_INTERVAL = "5s"
 HEALTH_TIMEOUT = "20s"  # SGLang's /health generates one token
+# A heartbeat "keeps up" while its last pass reached Consul at most this many intervals ago.
+KEEPING_UP_BEATS = 2
 
 
 def member_id(cfg: FleetConfig) -> str:
@@ -90,9 +92,22 @@ class Heartbeat(threading.Thread):
         self.registered = threading.Event()  # the member check exists on the agent (session may bind it)
         self.re_registrations = 0  # times the agent had lost the check (a restarted agent)
         self.last_error: str | None = None
+        self.last_pass: float | None = None  # monotonic time of the last beat Consul answered
         self._serving_check: str | None = None
         self._lock = threading.Lock()
         self._log = logs.get("sglang_fleet.heartbeat")
+
+    def keeping_up(self, now: float | None = None) -> bool:
+        """This thread's own passes reach Consul now: its last beat succeeded, KEEPING_UP_BEATS ago at most.
+
+        Consul saying the check is passing is not enough to bind a new session to it: after a network
+        partition heals, a pass sent during the partition can still arrive (TCP retransmits the request
+        of a client that gave up) while this thread cannot reach Consul yet (e.g. its DNS lookup of the
+        agent hangs for 5 s). The check then passes for one TTL and lapses, and a session created in that
+        window dies with it, taking a freshly formed generation down 3 s later."""
+        now = time.monotonic() if now is None else now
+        return (self.last_error is None and self.last_pass is not None
+                and now - self.last_pass <= KEEPING_UP_BEATS * self.interval)
 
     def pass_serving(self, check_id: str | None) -> None:
         """Start (check id) or stop (None) passing the serving TTL check."""
@@ -130,6 +145,7 @@ class Heartbeat(threading.Thread):
                     api.pass_ttl(serving)
                 except ca.ConsulNotFound:
                     pass  # withdrawn meanwhile, or lost with the agent's state: the node loop handles it
+            self.last_pass = time.monotonic()
             if self.last_error is not None:
                 self._log.info(f"heartbeat reaches Consul again after: {self.last_error}")
                 self.last_error = None

@@ -4,10 +4,12 @@
   scripts/images when one is missing.
 - `demo` (function-scoped): compose/demo.yml under a project name of its own, router and Consul
   published on 127.0.0.1 at free ports; `@pytest.mark.demo_env(KEY=value)` adds environment for compose.
-  Torn down (containers, network) whatever the outcome; logs printed when the test failed.
+  Torn down (containers, network) whatever the outcome; when the test failed, every container's log
+  is printed first, one section per container (Demo.dump_logs; FLEET_CT_DUMP_LOGS=1: always).
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -53,15 +55,16 @@ def demo(docker_client, monkeypatch, request):
 
     compose = ProjectCompose(context=str(ROOT), wait=False)
     compose.start()
+    running = None
     try:
-        yield Demo(compose, docker_client, project)
+        running = Demo(compose, docker_client, project)
+        yield running
     finally:
-        if getattr(request.node, "rep_call_failed", False):
-            out, _ = compose.get_logs()
-            # smg logs every request; keep what the nodes and the router agent said.
-            lines = [ln for ln in out.splitlines() if "processing request" not in ln
-                     and "No available workers" not in ln]
-            print("\n".join(lines[-150:]))
+        failed = getattr(request.node, "rep_call_failed", False)
+        if running is not None and (failed or os.environ.get("FLEET_CT_DUMP_LOGS") == "1"):
+            # Every container's own log (nodes too, not only the last lines of an interleaved stream).
+            print(f"\n---- logs of every container of {project} ({'the test failed' if failed else 'FLEET_CT_DUMP_LOGS=1'}) ----")
+            print(running.dump_logs())
         subprocess.run(["docker", "compose", "-p", project, "-f", str(ROOT / "compose" / "demo.yml"),
                         "down", "--volumes", "--remove-orphans", "--timeout", "20"],
                        capture_output=True, check=False)

@@ -63,6 +63,40 @@ class Demo:
     def logs(self, service: str, tail: int = 60) -> str:
         return self.container(service).logs(tail=tail, timestamps=True).decode(errors="replace")
 
+    def project_containers(self) -> list:
+        """Every container of this compose project, stopped ones too (and ones a test started by hand
+        under the project's name, e.g. the crashing node)."""
+        by_label = self.docker.containers.list(
+            all=True, filters={"label": f"com.docker.compose.project={self.project}"})
+        by_name = self.docker.containers.list(all=True, filters={"name": f"{self.project}-"})
+        seen, out = set(), []
+        for c in by_label + by_name:
+            if c.id not in seen:
+                seen.add(c.id)
+                out.append(c)
+        return sorted(out, key=lambda c: c.name)
+
+    def dump_logs(self, tail: int = 400) -> str:
+        """Every container's logs, one section each (node, router, Consul), for a failed test. smg's
+        per-request lines are dropped so the nodes' and the router agent's own lines stay visible."""
+        noise = ("processing request", "No available workers", '"Step started"', '"Step succeeded"')
+        sections = []
+        for c in self.project_containers():
+            try:
+                c.reload()
+                state = c.attrs.get("State", {})
+                raw = c.logs(timestamps=True).decode(errors="replace").splitlines()
+            except Exception as exc:  # noqa: BLE001 - a dump must not hide the failure it explains
+                sections.append(f"===== {c.name}: logs unavailable ({exc!r})")
+                continue
+            lines = [ln for ln in raw if not any(n in ln for n in noise)]
+            dropped = len(lines) - tail
+            status = f"{state.get('Status')}, exit code {state.get('ExitCode')}"
+            head = f"===== {c.name} ({status}; {len(raw)} lines" + (
+                f", the first {dropped} not shown" if dropped > 0 else "") + ")"
+            sections.append("\n".join([head] + lines[-tail:]))
+        return "\n".join(sections)
+
     def exec_python(self, service: str, code: str) -> str:
         result = self.container(service).exec_run(["python", "-c", code])
         assert result.exit_code == 0, result.output.decode(errors="replace")

@@ -88,6 +88,11 @@ def test_network_disconnect_of_a_member_ends_generation_and_reforms(demo, docker
     network.connect(demo.container(member), aliases=[member])
     demo.wait_serving(timeout=150)
     assert {demo.rank_holder(PREFILL_GROUP, 0), demo.rank_holder(PREFILL_GROUP, 1)} == {"prefill-0", "prefill-1"}
+    # The member rejoins once its own heartbeat reaches Consul again, so the group re-forms in the very
+    # next generation. Joining earlier (on a check kept passing by a pass that arrived late) formed a
+    # generation whose session lapsed 3 s later; the router could route to it as it died, and smg's
+    # circuit breakers then answered 503 for 60 s (the decode's too).
+    assert demo.gen(PREFILL_GROUP) == g0 + 1, demo.kv(f"sglang-fleet/demo/groups/{PREFILL_GROUP}/g{g0 + 1}/ended")
 
 
 @dataclass

@@ -6,6 +6,7 @@ tests/integration/test_node.py.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import structlog
@@ -13,6 +14,7 @@ import structlog
 from sglang_fleet import consul_api as ca
 from sglang_fleet import drain as dr
 from sglang_fleet import node as node_mod
+from sglang_fleet import registration as reg
 from sglang_fleet.engine import EngineState
 from test_rendezvous import FakeStore, cfg
 
@@ -91,6 +93,7 @@ def make_node(api, name, **env):
     n = node_mod.Node(cfg(FLEET_NODE_NAME=name, FLEET_ADVERTISE_ADDR=f"10.0.0.{len(name)}",
                           FLEET_BACKOFF_BASE=0, **env), api=api)
     n.heartbeat.registered.set()
+    n.heartbeat.last_pass = float("inf")  # no heartbeat thread here: its passes reach Consul
     return n
 
 
@@ -181,6 +184,54 @@ def test_session_invalidated_while_waiting_for_a_rank_rejoins(world):
     cycle_until(b, "joined generation 0 with session")
     cycle_until(b, "claimed rank 0 of 2 in generation 0")
     assert b.failures == 0
+
+
+def test_no_session_while_the_own_heartbeat_does_not_reach_consul(world):
+    # A member back from a network partition: Consul would accept a session (a pass sent during the
+    # partition arrived late, so the check passes for one TTL), but this node's heartbeat thread still
+    # cannot reach Consul. A session now would lapse with the check and end the generation it formed.
+    api, calls, engines = world
+    a, b = make_node(api, "a", FLEET_RANK0=1), make_node(api, "bb")
+    cycle_until(a, "claimed rank 0 of 2 in generation 0")
+    b.heartbeat.last_pass, b.heartbeat.last_error = None, "pass_ttl: ReadTimeout"
+    sentence = cycle_until(b, "waiting for the heartbeat")
+    assert sentence == ("waiting for the heartbeat to reach Consul before joining generation 0 "
+                        "(pass_ttl: ReadTimeout)")
+    for _ in range(3):
+        b.fresh_needed = True
+        b.run_cycle()
+    assert b.session is None and api.sessions == {a.session}
+    assert cycle_until(a, "waiting for") == "waiting for peers 1/2 in generation 0"
+
+    b.heartbeat.last_error, b.heartbeat.last_pass = None, time.monotonic()  # its passes get through again
+    cycle_until(b, "joined generation 0 with session")
+    cycle_until(b, "claimed rank 1 of 2 in generation 0")
+
+
+def test_heartbeat_keeps_up_only_while_its_own_recent_passes_succeed():
+    hb = reg.Heartbeat(cfg(FLEET_NODE_NAME="a"), "10.0.0.1", threading.Event())
+
+    class Agent:
+        fail = False
+
+        def register_service(self, *a, **kw):
+            pass
+
+        def pass_ttl(self, check_id):
+            if self.fail:
+                raise ca.ConsulUnavailable("pass_ttl: ReadTimeout")
+
+    agent = Agent()
+    assert not hb.keeping_up()  # no pass yet
+    hb._beat(agent)
+    assert hb.registered.is_set() and hb.keeping_up()
+    assert not hb.keeping_up(now=time.monotonic() + reg.KEEPING_UP_BEATS * hb.interval + 0.1)  # stuck in a beat
+    agent.fail = True
+    hb._beat(agent)
+    assert not hb.keeping_up() and "ReadTimeout" in hb.last_error
+    agent.fail = False
+    hb._beat(agent)
+    assert hb.keeping_up() and hb.last_error is None
 
 
 def test_a_wake_just_after_a_timed_out_sleep_is_not_lost(world):
