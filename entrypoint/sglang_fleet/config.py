@@ -243,6 +243,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("router_api_key", _opt_str, None, "API key smg requires from clients (--api-key).", "s3cret"),
     Setting("router_prometheus_port", _int, 29000, "smg's own Prometheus port.", "29000"),
     Setting("router_health_interval", _int, 10, "smg's worker health-check interval in seconds.", "10"),
+    Setting("router_breaker_open", _int, 5, "Seconds smg's circuit breaker keeps a failing worker closed off "
+            "(--cb-timeout-duration-secs; smg's own default is 60). The agent withdraws a dead group within "
+            "about 2 s, and in PD mode a dead prefill also trips the healthy decode's breaker, so a long open "
+            "time would stop all PD traffic for that long.", "5"),
     Setting("router_quiet_window", _float, 0.5, "Seconds of quiet before new or changed groups are added to "
             "smg (batches a flapping check, like consul-template's wait); a group that stops passing is "
             "withdrawn at once.", "0.5"),
@@ -318,6 +322,7 @@ class FleetConfig:
     router_api_key: str | None = None
     router_prometheus_port: int = 29000
     router_health_interval: int = 10
+    router_breaker_open: int = 5
     router_quiet_window: float = 0.5
     router_resync_interval: float = 5.0
     router_args: tuple[tuple[str, Any], ...] = ()

@@ -46,7 +46,8 @@ def smg_argv(cfg: FleetConfig, mode: str, binary: str) -> list[str]:
     """The full smg command line for `mode` ("pd" or "regular"). FLEET_ROUTER_ARGS come last (win)."""
     argv = [binary, "launch", "--host", cfg.router_host, "--port", str(cfg.router_port),
             "--policy", cfg.router_policy, "--prometheus-port", str(cfg.router_prometheus_port),
-            "--health-check-interval-secs", str(cfg.router_health_interval), "--log-json"]
+            "--health-check-interval-secs", str(cfg.router_health_interval),
+            "--cb-timeout-duration-secs", str(cfg.router_breaker_open), "--log-json"]
     if mode == "pd":
         argv.append("--pd-disaggregation")
     if cfg.router_api_key:

@@ -28,7 +28,7 @@ def validate_config(cfg: FleetConfig, cluster_only: bool = False) -> list[str]:
         p.append(f"FLEET_READY_TIMEOUT={cfg.ready_timeout}: must be more than zero seconds")
     if cfg.backoff_max < cfg.backoff_base:
         p.append(f"FLEET_BACKOFF_MAX={cfg.backoff_max}: must be at least FLEET_BACKOFF_BASE={cfg.backoff_base}")
-    for key in ("start_attempts", "max_failures", "router_health_interval"):
+    for key in ("start_attempts", "max_failures", "router_health_interval", "router_breaker_open"):
         if getattr(cfg, key) < 1:
             p.append(f"FLEET_{key.upper()}={getattr(cfg, key)}: must be at least 1")
     if cfg.advertise_addr and not _host_like(cfg.advertise_addr):

@@ -151,12 +151,14 @@ def test_smg_argv_pd_with_key_and_extra_args():
     cfg = load_config({"FLEET_ROLE": "router", "FLEET_ROUTER_PORT": "8100", "FLEET_ROUTER_HOST": "127.0.0.1",
                        "FLEET_ROUTER_POLICY": "round_robin", "FLEET_ROUTER_API_KEY": "k",
                        "FLEET_ROUTER_PROMETHEUS_PORT": "29100", "FLEET_ROUTER_HEALTH_INTERVAL": "7",
+                       "FLEET_ROUTER_BREAKER_OPEN": "4",
                        "FLEET_ROUTER_ARGS": "--request-timeout-secs 600 --disable-retries"})
     argv = smg_argv(cfg, "pd", "/x/smg")
     assert argv[:2] == ["/x/smg", "launch"]
     text = " ".join(argv)
     for part in ("--host 127.0.0.1", "--port 8100", "--policy round_robin", "--prometheus-port 29100",
-                 "--health-check-interval-secs 7", "--pd-disaggregation", "--api-key k"):
+                 "--health-check-interval-secs 7", "--cb-timeout-duration-secs 4", "--pd-disaggregation",
+                 "--api-key k"):
         assert part in text
     assert argv[-3:] == ["--request-timeout-secs", "600", "--disable-retries"]
     assert "--pd-disaggregation" not in smg_argv(cfg, "regular", "smg")
