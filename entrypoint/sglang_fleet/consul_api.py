@@ -218,10 +218,6 @@ class ConsulAPI:
     def agent_services(self) -> dict[str, dict]:
         return self._c.agent.services() or {}
 
-    @_boundary
-    def agent_checks(self) -> dict[str, dict]:
-        return self._c.agent.checks() or {}
-
     # ---- health -------------------------------------------------------------------------------------
     @_boundary
     def health_service(self, name: str, tag: str | None = None, passing: bool = True, index: int = 0,
@@ -246,11 +242,6 @@ class ConsulAPI:
         return next_index(index, got), [_to_entry(r) for r in (raw or [])]
 
     @_boundary
-    def kv_put(self, key: str, value: bytes | str) -> None:
-        if not self._c.kv.put(key, value):
-            raise ConsulConflict(f"kv_put {key}: refused")
-
-    @_boundary
     def kv_cas(self, key: str, value: bytes | str, index: int) -> None:
         """Writes only if the key's ModifyIndex is `index` (0: only if absent); else ConsulConflict."""
         if not self._c.kv.put(key, value, cas=int(index)):
@@ -261,14 +252,6 @@ class ConsulAPI:
         """Takes the lock on `key` for `session` (true again for the holder); else ConsulConflict."""
         if not self._c.kv.put(key, value, acquire=session):
             raise ConsulConflict(f"kv_acquire {key}: held by another session")
-
-    @_boundary
-    def kv_release(self, key: str, session: str) -> None:
-        self._c.kv.put(key, None, release=session)
-
-    @_boundary
-    def kv_delete(self, key: str) -> None:
-        self._c.kv.delete(key)
 
     @_boundary
     def kv_delete_tree(self, prefix: str) -> None:

@@ -28,6 +28,7 @@ from sglang_fleet import logs
 from sglang_fleet.config import FleetConfig
 from sglang_fleet.router_state import ROLE_BY_MODE, DesiredWorker, choose_mode, desired_from_services, reconcile
 from sglang_fleet.smg_client import SmgClient, SmgConflict, SmgError
+from sglang_fleet.watch import backoff
 
 SERVICE = "sglang"
 ROUTER_SERVICE = "sglang-router"
@@ -257,13 +258,10 @@ class RouterAgent:
 
     def _after_smg_exit(self) -> None:
         """Logs the exit; when smg keeps dying soon after starting, waits an exponential backoff
-        (backoff_base doubling up to backoff_max, as tenacity's wait_exponential) first."""
+        (watch.backoff: backoff_base doubling up to backoff_max, with jitter) first."""
         uptime = time.monotonic() - self.smg.started_at
         self._quick_exits = self._quick_exits + 1 if uptime < SMG_STABLE_AFTER else 0
-        delay = 0.0
-        if self._quick_exits > 1:
-            delay = tenacity.wait_exponential(multiplier=self.cfg.backoff_base, max=self.cfg.backoff_max)(
-                _Attempt(self._quick_exits - 1))
+        delay = backoff(self._quick_exits - 1, self.cfg.backoff_base, self.cfg.backoff_max)
         self.log.warning("smg exited; starting it again", returncode=self.smg.returncode(),
                          uptime=round(uptime, 1), backoff=round(delay, 2))
         self._stop.wait(delay)
@@ -276,13 +274,6 @@ class RouterAgent:
         except consul_error as e:
             self.log.warning("could not deregister the router from consul", error=str(e))
         self.smg.stop()
-
-
-class _Attempt:
-    """The one field of tenacity's RetryCallState that its wait strategies read."""
-
-    def __init__(self, attempt_number: int):
-        self.attempt_number = attempt_number
 
 
 def advertise_addr(cfg: FleetConfig) -> str:
