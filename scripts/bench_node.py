@@ -22,7 +22,6 @@ Prints one JSON document. Run: .venv/bin/python scripts/bench_node.py [--sizes 2
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import re
@@ -40,15 +39,7 @@ from fleet_testing import emit_json  # noqa: E402
 TARGETS = {"rendezvous_s": 0.5, "detection_s": 3.0, "reformation_s": 1.0, "rss_mb": 60.0, "idle_cpu_pct": 1.0}
 
 
-def _harness():
-    spec = importlib.util.spec_from_file_location("fleet_harness", ROOT / "tests" / "integration" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fleet_harness"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-H = _harness()
+import fleet_processes as H  # noqa: E402  (tests/ is on sys.path, see above)
 
 
 def ts(rec: dict) -> float:

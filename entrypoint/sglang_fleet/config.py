@@ -21,6 +21,7 @@ EX_CONFIG = 78  # sysexits.h: configuration error
 ROLES = ("prefill", "decode", "regular", "router")
 NODE_ROLES = ("prefill", "decode", "regular")
 ENGINES = ("sglang", "sim")
+DEVICES = ("cuda", "cpu")
 NET_PROFILES = ("auto", "ethernet", "infiniband", "roce")
 ROUTER_MODES = ("auto", "pd", "regular")
 ROUTER_POLICIES = ("random", "round_robin", "cache_aware", "power_of_two", "least_load", "consistent_hashing",
@@ -118,6 +119,27 @@ def _opt_str(text: str) -> str | None:
     return _str(text) or None
 
 
+def parse_cpu_list(text: str) -> list[int]:
+    """A Linux CPU list ("0-3,8,10-11") as sorted core numbers; ValueError when malformed."""
+    cores: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"{part!r} is not a core number or a range (a Linux CPU list, e.g. 0-31,64-95)")
+        lo, hi = int(first), int(last) if dash else int(first)
+        if hi < lo:
+            raise ValueError(f"range {part!r} runs backwards")
+        cores.update(range(lo, hi + 1))
+    return sorted(cores)
+
+
+def _cpu_cores(text: str) -> str:
+    text = _str(text)
+    if text:
+        parse_cpu_list(text)
+    return text
+
+
 def _engine_args(value: Any) -> tuple[tuple[str, Any], ...]:
     """Extra SGLang arguments as ordered (flag, value) pairs; value True means a bare flag.
 
@@ -177,6 +199,13 @@ SETTINGS: tuple[Setting, ...] = (
     # What it runs.
     Setting("engine", _str, "sglang", "sglang: python -m sglang.launch_server. sim: the CPU stand-in for "
             "demos and tests on machines without GPUs.", "sim", ENGINES),
+    Setting("device", _str, "cuda", "cuda: NVIDIA GPUs. cpu: SGLang's CPU backend on Intel Xeon (AVX-512, AMX "
+            "where present): --device cpu, SGLANG_USE_CPU_ENGINE=1, each TP rank of this node bound to its share "
+            "of FLEET_CPU_CORES, Intel OpenMP and tcmalloc/tbbmalloc preloaded where installed "
+            "(docs/deployment.md, Xeon hosts).", "cpu", DEVICES),
+    Setting("cpu_cores", _cpu_cores, "", "FLEET_DEVICE=cpu: the cores this node's engine may use, as a Linux CPU list; "
+            "split evenly over the node's TP ranks (SGLANG_CPU_OMP_THREADS_BIND). Default: every core this "
+            "container may run on.", "0-31,64-95"),
     Setting("preset", _opt_str, None, "Name of a preset in config/presets (the guide's configurations).",
             "deepseek-r1-prefill"),
     Setting("model_path", _str, "", "Model path or Hugging Face id (SGLang --model-path).",
@@ -287,6 +316,8 @@ class FleetConfig:
     node_name: str = ""
     rank0: bool = False
     engine: str = "sglang"
+    device: str = "cuda"
+    cpu_cores: str = ""
     preset: str | None = None
     model_path: str = ""
     tp_size: int = 1

@@ -254,6 +254,15 @@ class ConsulAPI:
             raise ConsulConflict(f"kv_acquire {key}: held by another session")
 
     @_boundary
+    def kv_put(self, key: str, value: bytes | str) -> None:
+        """Writes unconditionally (records only their writer changes, e.g. a node's FATAL reason)."""
+        self._c.kv.put(key, value)
+
+    @_boundary
+    def kv_delete(self, key: str) -> None:
+        self._c.kv.delete(key)
+
+    @_boundary
     def kv_delete_tree(self, prefix: str) -> None:
         self._c.kv.delete(prefix, recurse=True)
 

@@ -33,7 +33,7 @@ ROCE_MIN_MTU = 4096  # RoCE wants jumbo frames (the guide: mtu 9000)
 CONSUL_TIMEOUT = 2.0
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")
 # Checks only a GPU node running the real engine needs, and why the router and the sim engine skip them.
-ENGINE_CHECKS = {"sglang": "SGLang not used", "gpu": "no GPU needed", "nccl": "no NCCL used", "rdma": "no RDMA used",
+ENGINE_CHECKS = {"sglang": "SGLang not used", "gpu": "no GPU needed", "cpu": "no CPU kernels needed", "nccl": "no NCCL used", "rdma": "no RDMA used",
                  "model": "no model files loaded", "memory": "no shared or locked memory needed"}
 # Runs in FLEET_ENGINE_PYTHON (the interpreter that has SGLang), not in the supervisor's own Python.
 NCCL_PROBE = """import json
@@ -91,9 +91,17 @@ def _gib(n: float) -> str:
     return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
 
 
+# FLEET_DEVICE decides between the GPU checks and the CPU one.
+DEVICE_CHECKS = {"cuda": {"cpu": "device cuda: the GPUs serve, not the CPU"},
+                 "cpu": {"gpu": "device cpu: no GPU used", "nccl": "device cpu: the ranks talk over gloo, not NCCL"}}
+
+
 def _not_here(cfg: FleetConfig, name: str) -> Check | None:
-    if cfg.is_router or cfg.engine == "sim":
+    if name in ENGINE_CHECKS and (cfg.is_router or cfg.engine == "sim"):
         return Check(name, SKIP, f"{'router role' if cfg.is_router else 'sim engine'}: {ENGINE_CHECKS[name]}.")
+    why = DEVICE_CHECKS.get(cfg.device, {}).get(name)
+    if why and not cfg.is_router:
+        return Check(name, SKIP, why + ".")
     return None
 
 
@@ -104,7 +112,8 @@ def check_config(cfg: FleetConfig, plan: Plan) -> Check:
                      f"mode {cfg.router_mode}, policy {cfg.router_policy}.")
     rank = f"fixed rank {cfg.node_rank}" if cfg.node_rank is not None else "rank claimed in Consul"
     what = (f"{cfg.role} group {cfg.group or cfg.node_name} of cluster {cfg.cluster} as node {cfg.node_name}: "
-            f"{cfg.nnodes} node(s), {rank}, engine {cfg.engine}, {cfg.gpus_per_node} GPU(s) per node"
+            f"{cfg.nnodes} node(s), {rank}, engine {cfg.engine}, {cfg.gpus_per_node} "
+            f"{'GPU(s)' if cfg.device == 'cuda' else 'CPU TP rank(s)'} per node"
             + (f", preset {cfg.preset}" if cfg.preset else ""))
     if plan.launch is None:
         return Check("config", FAIL, f"{what}; the engine cannot be planned: {plan.error}.")
@@ -139,6 +148,33 @@ def check_gpu(cfg: FleetConfig, host: Host) -> Check:
         return Check("gpu", FAIL, f"{saw}: give the container the GPUs (docker run --gpus all, the NVIDIA runtime, "
                      f"Kubernetes nvidia.com/gpu: {need}) or lower FLEET_TP_SIZE.")
     return Check("gpu", OK, saw + (", the rest stay idle." if found > need else "."))
+
+
+CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def check_cpu(cfg: FleetConfig, host: Host) -> Check:
+    """FLEET_DEVICE=cpu: SGLang's CPU kernels need AVX-512; AMX is what makes bf16/int8 matmuls fast."""
+    try:
+        text = Path(host.proc_root, "cpuinfo").read_text()
+    except OSError as e:
+        return Check("cpu", WARN, f"cannot read {host.proc_root}/cpuinfo ({e.strerror}): CPU features not checked.")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "CPU")
+    have = [f for f in CPU_FLAGS if f in flags]
+    try:
+        cores = launch.parse_cpu_list(cfg.cpu_cores) if cfg.cpu_cores else sorted(os.sched_getaffinity(0))
+        bind = launch.cpu_threads_bind(cores, cfg.gpus_per_node)
+    except ValueError as e:
+        return Check("cpu", FAIL, f"{model}: {e}: give the container more cores or lower FLEET_TP_SIZE.")
+    saw = (f"{model} with {', '.join(have) or 'none of ' + ', '.join(CPU_FLAGS)}; {len(cores)} core(s) for "
+           f"{cfg.gpus_per_node} TP rank(s) (SGLANG_CPU_OMP_THREADS_BIND={bind})")
+    if "avx512f" not in flags:
+        return Check("cpu", FAIL, f"{saw}: SGLang's CPU backend needs AVX-512 (Intel Xeon, Skylake-SP or newer).")
+    if not {"amx_bf16", "amx_int8"} <= flags:
+        return Check("cpu", WARN, f"{saw}: no AMX (Xeon 4th generation, Sapphire Rapids, or newer), so bf16 and "
+                     f"int8 matmuls run on AVX-512 only: several times slower.")
+    return Check("cpu", OK, saw + ".")
 
 
 def nccl_version(raw: int | list[int]) -> tuple[int, ...]:
@@ -413,7 +449,7 @@ def run_checks(cfg: FleetConfig, host: Host | None = None, consul_timeout: float
     consul_check, api = check_consul(cfg, consul_timeout)
     steps = [
         ("config", lambda: check_config(cfg, plan)), ("sglang", lambda: check_sglang(cfg, host)),
-        ("gpu", lambda: check_gpu(cfg, host)),
+        ("gpu", lambda: check_gpu(cfg, host)), ("cpu", lambda: check_cpu(cfg, host)),
         ("nccl", lambda: check_nccl(cfg, host)), ("rdma", lambda: check_rdma(cfg, plan)),
         ("network", lambda: check_network(cfg, plan, host)), ("ports", lambda: check_ports(cfg)),
         ("model", lambda: check_model(cfg)), ("memory", lambda: check_memory(cfg, host)),
@@ -421,7 +457,7 @@ def run_checks(cfg: FleetConfig, host: Host | None = None, consul_timeout: float
     ]
     checks = []
     for name, step in steps:
-        if name in ENGINE_CHECKS and (skip := _not_here(cfg, name)):
+        if skip := _not_here(cfg, name):
             checks.append(skip)
             continue
         try:

@@ -7,7 +7,8 @@ rank and generation are bound into its log context; start() may be called again 
   engine = Engine.from_config(cfg, rank, **context)       # same, settings taken from FleetConfig
   engine.start(launch) -> str          # spawn launch.argv with launch.env; state STARTING (or EXITED)
   engine.poll() -> EngineState         # cheap, non-blocking; does the transitions; call every cycle
-  engine.stop(grace=None) -> str       # SIGTERM to the group, grace, SIGKILL; reaps; idempotent
+  engine.stop(grace=None) -> str       # SIGTERM (rank 0: launch_server; else the group), grace, SIGKILL
+                                       # to the group; reaps; idempotent
   engine.state, .reason (last sentence), .failed (EXITED/UNHEALTHY), .pid, .returncode, .history
 
 States (supervisord's process.py, plus UNHEALTHY for an engine that is alive but not serving):
@@ -222,9 +223,19 @@ class Engine:
                 return self.reason
             return self._change(EngineState.STOPPED, f"engine stopped ({self.reason})")
         grace = self.stop_grace if grace is None else grace
-        self._change(EngineState.STOPPING, f"stopping engine pid {run.proc.pid}: SIGTERM to its "
-                     f"process group, {grace:g} s grace")
+        # Rank 0: SIGTERM to launch_server alone runs SGLang's own graceful exit (drain, ShutdownReq to
+        # every TP rank, its children reaped); SIGTERM reaching its scheduler directly kills it, and SGLang
+        # then aborts the whole tree. Ranks > 0: launch_server ignores SIGTERM there and waits for rank 0's
+        # ShutdownReq, which never comes once rank 0 is gone, so the whole group gets it (docs/engine.md).
+        whole_group = self.rank != 0
+        target = "its process group" if whole_group else "launch_server"
+        self._change(EngineState.STOPPING, f"stopping engine pid {run.proc.pid}: SIGTERM to {target}, "
+                     f"{grace:g} s grace")
         began = time.monotonic()
+        if not whole_group and run.proc.poll() is None:
+            run.proc.send_signal(signal.SIGTERM)
+            _wait_exit(run.proc, began + grace)
+        # What is left of the group once the launcher is gone (SGLang reaps its own children first).
         pg.signal_group(run.pgid, signal.SIGTERM)
         how = "after SIGTERM"
         if not pg.wait_group_gone(run.proc, run.pgid, began + grace):
@@ -249,6 +260,13 @@ class Engine:
         if not any(t.is_alive() for t in pumps):  # a pump still reading (pipe held by an escaped
             for stream in (run.proc.stdout, run.proc.stderr):  # process) would block close()
                 stream.close()
+
+
+def _wait_exit(proc: subprocess.Popen, deadline: float) -> None:
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _thread(name: str, target, *args) -> threading.Thread:

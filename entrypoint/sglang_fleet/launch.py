@@ -16,13 +16,15 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 from sglang_fleet import netprofile
-from sglang_fleet.config import EX_CONFIG, ConfigError, FleetConfig
+from sglang_fleet.config import EX_CONFIG, ConfigError, FleetConfig, parse_cpu_list
 
 SGLANG_MODULE = "sglang.launch_server"
 # The SGLang release whose own parser checks every command line built here (tests/conformance), and the
@@ -48,13 +50,17 @@ INHERITED_NAMES = frozenset({
     "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TERM", "HOSTNAME", "SHELL", "TMPDIR",
     "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CONDA_PREFIX", "XDG_CACHE_HOME", "SSL_CERT_FILE", "SSL_CERT_DIR",
     "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
-    "https_proxy", "no_proxy", "OMP_NUM_THREADS",
+    "https_proxy", "no_proxy", "OMP_NUM_THREADS", "LD_PRELOAD",
 })
 INHERITED_PREFIXES = (
     "LC_", "CUDA_", "NVIDIA_", "NVSHMEM_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_", "NCCL_", "GLOO_",
     "SGLANG_", "SGL_", "TORCH", "PYTORCH_", "PYTHON", "TRITON_", "FLASHINFER_", "UCX_", "MC_", "MKL_",
     "KMP_", "CUBLAS_", "CUDNN_",
 )
+# FLEET_DEVICE=cpu: what SGLang's CPU guide preloads (Intel OpenMP from the engine's venv, then a faster
+# malloc). Each one is preloaded only where it is installed.
+CPU_PRELOADS = ("libiomp5.so", "libtcmalloc.so.4", "libtbbmalloc.so.2")
+SYSTEM_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib")
 STRIPPED_PREFIXES = ("FLEET_", "CONSUL_")  # the supervisor's own settings, secrets included
 
 # Env names containing these are secrets. Flags are matched word by word (`--api-key` yes,
@@ -101,6 +107,8 @@ def engine_flags(cfg: FleetConfig, rank: int, nnodes: int, dist_init_addr: str) 
         flags["enable-dp-lm-head"] = True
     if cfg.ep_redundant_experts is not None:
         flags["ep-num-redundant-experts"] = str(cfg.ep_redundant_experts)
+    if cfg.device == "cpu":
+        flags["device"] = "cpu"
 
     for name, value in cfg.sglang_args:
         if name == "enable-dp-attention":
@@ -161,6 +169,7 @@ def engine_env(cfg: FleetConfig, advertise_addr: str, parent_env: Mapping[str, s
         raise ConfigError([f"FLEET_NET_PROFILE={cfg.net_profile!r}: {e}"]) from None
     notes.append(f"NCCL profile {profile.name} ({profile.reason})")
     wanted = dict(profile.env)
+    source = {name: f"profile {profile.name}" for name in wanted}
     ifname = netprofile.interface_for(advertise_addr, proc_root) if advertise_addr else None
     if ifname:
         wanted["NCCL_SOCKET_IFNAME"] = ifname
@@ -168,15 +177,64 @@ def engine_env(cfg: FleetConfig, advertise_addr: str, parent_env: Mapping[str, s
     else:
         notes.append(f"no local interface holds the advertise address {advertise_addr!r}: "
                      f"NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME not set (NCCL and GLOO pick one)")
+    if cfg.device == "cpu":
+        cpu_env, cpu_notes = cpu_engine_env(cfg)
+        wanted.update(cpu_env)
+        source.update(dict.fromkeys(cpu_env, "device cpu"))
+        notes += cpu_notes
     for name, value in wanted.items():
         if name in env and env[name] != value:
-            notes.append(f"{name}={env[name]} from the environment wins over {value} "
-                         f"(profile {profile.name})")
+            why = f" ({source[name]})" if name in source else ""
+            notes.append(f"{name}={env[name]} from the environment wins over {value}{why}")
             continue
         env[name] = value
     if cfg.engine == "sim":
         # The sim reads its own knobs; everything else of FLEET_* stays with the supervisor.
         env["FLEET_SIM_STARTUP_DELAY"] = str(cfg.sim_startup_delay)
+    return env, notes
+
+
+def format_cpu_list(cores: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5" (SGLang reads each rank's share in this form)."""
+    runs: list[list[int]] = []
+    for c in cores:
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+
+def cpu_threads_bind(cores: list[int], local_ranks: int) -> str:
+    """SGLANG_CPU_OMP_THREADS_BIND: the cores split into `local_ranks` contiguous shares, "|"-separated.
+
+    SGLang indexes the list by the rank's local device id (0 .. ranks per node - 1: its numa_utils
+    init_threads_binding), so every node of a group gets its own list built from its own cores."""
+    if len(cores) < local_ranks:
+        raise ValueError(f"{len(cores)} core(s) for {local_ranks} TP rank(s) on this node: each rank needs one")
+    n = len(cores)
+    return "|".join(format_cpu_list(cores[i * n // local_ranks:(i + 1) * n // local_ranks])
+                    for i in range(local_ranks))
+
+
+def cpu_engine_env(cfg: FleetConfig, lib_dirs: tuple[str, ...] = SYSTEM_LIB_DIRS) -> tuple[dict[str, str], list[str]]:
+    """The CPU backend's variables (SGLang's CPU guide), and a note on what was bound where."""
+    try:
+        cores = parse_cpu_list(cfg.cpu_cores) if cfg.cpu_cores else sorted(os.sched_getaffinity(0))
+        bind = cpu_threads_bind(cores, cfg.gpus_per_node)
+    except ValueError as e:
+        raise ConfigError([f"FLEET_CPU_CORES={cfg.cpu_cores or format_cpu_list(sorted(os.sched_getaffinity(0)))!r}: "
+                           f"{e}"]) from None
+    env = {"SGLANG_USE_CPU_ENGINE": "1", "SGLANG_CPU_OMP_THREADS_BIND": bind}
+    engine_py = shutil.which(cfg.engine_python) or cfg.engine_python
+    dirs = (str(Path(engine_py).parent.parent / "lib"), *lib_dirs)  # the venv's lib (intel-openmp), then system
+    found = [next((str(Path(d) / lib) for d in dirs if (Path(d) / lib).is_file()), None) for lib in CPU_PRELOADS]
+    preloads = [p for p in found if p]
+    if preloads:
+        env["LD_PRELOAD"] = ":".join(preloads)
+    missing = [lib for lib, p in zip(CPU_PRELOADS, found) if not p]
+    notes = [f"device cpu: {cfg.gpus_per_node} TP rank(s) on cores {bind}"
+             + (f"; not installed, not preloaded: {', '.join(missing)}" if missing else "")]
     return env, notes
 
 
@@ -306,5 +364,5 @@ def _report(problems: list[str]) -> int:
     return EX_CONFIG
 
 
-__all__ = ["EngineLaunch", "FLAG_ALIASES", "build_launch", "engine_env", "engine_flags", "plan_command",
+__all__ = ["EngineLaunch", "FLAG_ALIASES", "build_launch", "cpu_threads_bind", "parse_cpu_list", "engine_env", "engine_flags", "plan_command",
            "redact_argv", "redact_env", "resolve_advertise_addr"]

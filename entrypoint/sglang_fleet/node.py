@@ -17,6 +17,7 @@ the engine keeps running through a Consul outage. (Patroni ha.py run_cycle, torc
 """
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -90,6 +91,7 @@ class Node(Leaving):
         structlog.contextvars.bind_contextvars(cluster=self.cfg.cluster, group=self.group, node=self.node_name)
         self.log.info(f"node {self.node_name} of group {self.group} ({self.cfg.role}, {self.cfg.nnodes} "
                       f"node(s), engine {self.cfg.engine}) at {self.addr}; Consul {self.api.address}")
+        self._record_fatal(None)  # a restarted node is not FATAL any more
         self.heartbeat.start()
         self.watcher.start()
         last = None
@@ -134,6 +136,7 @@ class Node(Leaving):
         except Fatal as fatal:
             code = fatal.code
             self.log.error(f"FATAL: {fatal.reason}", exit_code=code)
+            self._record_fatal(fatal.reason)
         except ConfigError as exc:
             code = EX_CONFIG
             self.log.error(f"FATAL: configuration error: {exc}", exit_code=code)
@@ -143,6 +146,17 @@ class Node(Leaving):
         finally:
             self.shutdown("shutdown requested" if code == 0 else "fatal")
         return code
+
+    def _record_fatal(self, reason: str | None) -> None:
+        """Best effort: `status` shows why this node gave up until it starts again."""
+        key = self.rdv.keys.fatal(self.node_name)
+        try:
+            if reason is None:
+                self.api.kv_delete(key)
+            else:
+                self.api.kv_put(key, json.dumps({"node": self.node_name, "reason": reason, "at": time.time()}))
+        except ca.ConsulError as exc:
+            self.log.warning(f"could not {'clear' if reason is None else 'record'} the FATAL reason in Consul ({exc})")
 
     def _sleep(self, seconds: float) -> None:
         """Sleeps until the watcher or a signal wakes us, at most `seconds`."""

@@ -30,7 +30,7 @@ ROOT_PREFIX = "sglang-fleet"
 
 # Settings every member of a group must agree on (the engine must see the same model and the same
 # parallel layout on every rank). sglang_args are compared without the per-host flags.
-FINGERPRINT_FIELDS = ("role", "model_path", "engine", "engine_version", "nnodes", "tp_size", "ep_size",
+FINGERPRINT_FIELDS = ("role", "model_path", "engine", "device", "engine_version", "nnodes", "tp_size", "ep_size",
                       "dp_size", "pp_size", "attn_dp", "dp_lm_head", "moe_a2a_backend",
                       "ep_redundant_experts", "sglang_args")
 
@@ -84,6 +84,10 @@ class Keys:
 
     def draining(self, g: int) -> str:
         return f"{self.prefix}g{g}/draining"
+
+    def fatal(self, node: str) -> str:
+        """Why `node` gave up (written as it exits FATAL, removed when it starts again): for `status`."""
+        return f"{self.prefix}fatal/{node}"
 
     def drained(self, g: int) -> str:
         return f"{self.prefix}g{g}/drained"

@@ -71,8 +71,11 @@ def collect(api: ca.ConsulAPI, cluster: str) -> dict[str, Any]:
         if view.ended:
             g = max(view.ended)
             last_ended = {"generation": g, **dict(view.ended[g])}
+        fatal_prefix = keys.prefix + "fatal/"
+        fatal = sorted((e.json() or {"node": e.key[len(fatal_prefix):], "reason": e.text}
+                        for e in entries if e.key.startswith(fatal_prefix)), key=lambda f: str(f.get("node")))
         groups.append({
-            "group": name, "generation": view.generation, "nnodes": nnodes, "members": members,
+            "group": name, "generation": view.generation, "nnodes": nnodes, "members": members, "fatal": fatal,
             "waiting": sorted(waiting, key=lambda w: str(w["node"])),
             "leader": dict(view.leader) if view.leader else None,
             "serving": serving.get(name), "last_ended": last_ended,
@@ -98,6 +101,8 @@ def format_text(data: dict[str, Any]) -> str:
             lines.append(f"  rank {m['rank']}  {m['node']:<20} {m['addr']:<16} heartbeat {m['heartbeat']}")
         for w in g["waiting"]:
             lines.append(f"  no rank {w['node']:<20} {w['addr']:<16} heartbeat {w['heartbeat']} (waiting)")
+        for f in g.get("fatal") or []:
+            lines.append(f"  FATAL   {f.get('node')}: {f.get('reason')}")
         s = g["serving"]
         if s:
             extra = f" bootstrap_port {s['bootstrap_port']}" if s.get("bootstrap_port") else ""

@@ -347,8 +347,8 @@ def test_peers_report_members_and_fingerprint_mismatches():
 def test_sim_engine_skips_the_gpu_checks(tmp_path):
     checks = doctor.run_checks(cfg_of(engine="sim"), host(tmp_path))
     by_name = {c.name: c for c in checks}
-    assert [c.name for c in checks] == ["config", "sglang", "gpu", "nccl", "rdma", "network", "ports", "model", "memory",
-                                        "consul", "peers"]
+    assert [c.name for c in checks] == ["config", "sglang", "gpu", "cpu", "nccl", "rdma", "network", "ports", "model",
+                                        "memory", "consul", "peers"]
     assert by_name["gpu"].status == doctor.SKIP and "sim engine: no GPU" in by_name["gpu"].detail
     assert all(by_name[n].status == doctor.SKIP for n in doctor.ENGINE_CHECKS)
 

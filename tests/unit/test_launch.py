@@ -265,3 +265,55 @@ def test_plan_text_is_a_runnable_command():
 def test_plan_for_router_is_refused():
     proc = run_plan({"FLEET_ROLE": "router"})
     assert proc.returncode == 78 and "FLEET_ROLE='router'" in proc.stderr
+
+
+# ---- FLEET_DEVICE=cpu ------------------------------------------------------------------------------------
+def test_cpu_device_flag_and_engine_env(tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "lib").mkdir()
+    (venv / "lib" / "libiomp5.so").write_bytes(b"")
+    (venv / "bin" / "python").write_text("")
+    system = tmp_path / "syslib"
+    system.mkdir()
+    (system / "libtbbmalloc.so.2").write_bytes(b"")
+    cfg = cfg_of(FLEET_MODEL_PATH="/m", FLEET_DEVICE="cpu", FLEET_TP_SIZE="4", FLEET_NNODES="2", FLEET_GROUP="g", FLEET_CPU_CORES="0-3,8-11",
+                 FLEET_ENGINE_PYTHON=str(venv / "bin" / "python"))
+    env, notes = launch.cpu_engine_env(cfg, lib_dirs=(str(system),))
+    # 2 TP ranks on this node (4 over 2 nodes), each with its own contiguous half of the cores.
+    assert env == {"SGLANG_USE_CPU_ENGINE": "1", "SGLANG_CPU_OMP_THREADS_BIND": "0-3|8-11",
+                   "LD_PRELOAD": f"{venv}/lib/libiomp5.so:{system}/libtbbmalloc.so.2"}
+    assert notes == ["device cpu: 2 TP rank(s) on cores 0-3|8-11; not installed, not preloaded: libtcmalloc.so.4"]
+    argv = build(cfg).argv
+    assert flags(argv)["device"] == "cpu"
+
+
+def test_cuda_device_has_no_cpu_env():
+    cfg = cfg_of(FLEET_MODEL_PATH="/m")
+    spec = build(cfg)
+    assert "--device" not in spec.argv
+    assert not {"SGLANG_USE_CPU_ENGINE", "SGLANG_CPU_OMP_THREADS_BIND"} & set(spec.env)
+
+
+def test_cpu_threads_bind_splits_and_refuses_too_few_cores():
+    assert launch.cpu_threads_bind([0, 1, 2, 3, 4], 2) == "0-1|2-4"
+    assert launch.cpu_threads_bind([5], 1) == "5"
+    with pytest.raises(ValueError, match="1 core\\(s\\) for 2 TP rank\\(s\\)"):
+        launch.cpu_threads_bind([0], 2)
+
+
+def test_user_threads_bind_wins_and_is_reported():
+    cfg = cfg_of(FLEET_MODEL_PATH="/m", FLEET_DEVICE="cpu", FLEET_CPU_CORES="0-1")
+    spec = build(cfg, parent={"SGLANG_CPU_OMP_THREADS_BIND": "7"})
+    assert spec.env["SGLANG_CPU_OMP_THREADS_BIND"] == "7"
+    assert "SGLANG_CPU_OMP_THREADS_BIND=7 from the environment wins over 0-1 (device cpu)" in spec.warnings
+
+
+def test_bad_device_and_cpu_cores_are_config_errors():
+    from sglang_fleet.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        cfg_of(FLEET_MODEL_PATH="/m", FLEET_DEVICE="gpu", FLEET_CPU_CORES="0-x")
+    assert info.value.problems == [
+        "FLEET_DEVICE='gpu': must be one of cuda, cpu",
+        "FLEET_CPU_CORES='0-x': '0-x' is not a core number or a range (a Linux CPU list, e.g. 0-31,64-95)"]
