@@ -124,6 +124,31 @@ class ConsulAgent:
 
 
 
+# ---- the real engine (tests/sglang, scripts/bench_real.py) ----------------------------------------------
+# The CPU kernels from ../shared are two months older than SGLang 0.5.23: their intel_amx attention ops
+# take fewer arguments than 0.5.23 passes, so attention runs on torch_native (the other AMX ops are used).
+CPU_ENGINE_ARGS = "--attention-backend torch_native --disable-overlap-schedule --max-total-tokens 4096"
+
+
+def make_tiny_model(sglang_python: str, out: Path) -> Path:
+    """A seeded random-weights Llama with its own tokenizer (tests/sglang/tiny_model.py) in `out`."""
+    subprocess.run([sglang_python, str(ROOT / "tests" / "sglang" / "tiny_model.py"), str(out)], check=True,
+                   stdout=subprocess.DEVNULL, timeout=300)
+    return out
+
+
+def real_env(sglang_python: str, model: Path) -> dict[str, str]:
+    """Settings of a supervisor running the real SGLang engine on CPU, with small delays."""
+    return {
+        "FLEET_ENGINE": "sglang", "FLEET_DEVICE": "cpu", "FLEET_ENGINE_PYTHON": sglang_python,
+        "FLEET_MODEL_PATH": str(model), "FLEET_SGLANG_ARGS": CPU_ENGINE_ARGS, "HF_HUB_OFFLINE": "1",
+        "FLEET_LOG_FORMAT": "json", "FLEET_NET_PROFILE": "ethernet", "FLEET_BACKOFF_BASE": "0.5",
+        "FLEET_BACKOFF_MAX": "2", "FLEET_STOP_GRACE": "20", "FLEET_READY_TIMEOUT": "300",
+        "FLEET_START_ATTEMPTS": "1", "FLEET_DRAIN_TIMEOUT": "30", "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+# ---- node supervisors ---------------------------------------------------------------------------------
 _addr_seq = itertools.count(0)
 
 
@@ -284,13 +309,14 @@ class Supervisors:
         env.update({k: str(v) for k, v in overrides.items() if v is not None})
         return env
 
-    def start(self, name: str, **env_overrides: Any) -> Supervisor:
-        """Starts `sglang-fleet node` as `name`. Keyword args are env vars (FLEET_GROUP="g", ...)."""
+    def start(self, name: str, cwd: Path | None = None, **env_overrides: Any) -> Supervisor:
+        """Starts `sglang-fleet node` as `name` (in `cwd`, default the workdir). Keyword args are env vars
+        (FLEET_GROUP="g", ...)."""
         env = self.env_for(name, **env_overrides)
         log_path = self.workdir / f"{name}.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen([str(FLEET_BIN), "node"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(self.workdir))
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(cwd or self.workdir))
         sup = Supervisor(name, env, log_path, proc)
         self.started.append(sup)
         return sup
