@@ -250,10 +250,20 @@ class SimEngine:
 
     def _finish(self) -> int:
         self._done.wait()
-        self.ready.clear()
+        self.ready.clear()  # /health answers 503 from now on, as SGLang's does while it exits
         if self._signalled is not None:
             self.log.info(f"sim engine stopping on {signal.Signals(self._signalled).name}")
+            if self._signalled == signal.SIGTERM and self.args.node_rank == 0 and self.http is not None:
+                self._drain()
         return self._code
+
+    def _drain(self, timeout: float = 30.0) -> None:
+        """SGLang's graceful exit on rank 0 (tokenizer_manager.sigterm_watchdog): finish what is in flight."""
+        self.log.info("SIGTERM received. Draining requests and shutting down...")
+        deadline = time.monotonic() + timeout
+        while self.http.inflight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.log.info(f"Gracefully exiting... Remaining number of requests {self.http.inflight}.")
 
 
 def main(argv: list[str] | None = None) -> int:

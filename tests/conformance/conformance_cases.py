@@ -48,6 +48,9 @@ TABLE = {
         "decode", 2, 16, dp_size=16, sglang_args="--enable-dp-attention --cuda-graph-max-bs 64 --ep 16"),
     "guide-spellings-regular": _sizes("regular", 1, 8, sglang_args="--disable-cuda-graph --dp 2"),
     "sim-2node-tp2": _sizes("regular", 2, 2, engine="sim"),
+    # FLEET_DEVICE=cpu, as the real-engine tier (tests/sglang) runs it.
+    "cpu-2node-tp2": _sizes("regular", 2, 2, device="cpu", cpu_cores="0", sglang_args=(
+        "--attention-backend torch_native --disable-overlap-schedule --max-total-tokens 4096")),
     "sim-prefill": _sizes("prefill", 1, 1, engine="sim"),
 }
 

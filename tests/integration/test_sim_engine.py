@@ -237,6 +237,8 @@ def test_crash_knob_bad_argv_and_sigterm(procs):
     wait_until(lambda: health(f"http://127.0.0.57:{port}") == 200, 20, "solo ready")
     solo.proc.send_signal(signal.SIGTERM)
     assert solo.wait_exit(10) == 0
+    # Like SGLang's rank 0: SIGTERM drains what is in flight, then exits (tokenizer_manager.sigterm_watchdog).
+    assert solo.text.index("Draining requests") < solo.text.index("Gracefully exiting... Remaining number of requests 0")
 
 
 # ---- through the real router --------------------------------------------------------------------------
