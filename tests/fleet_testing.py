@@ -61,6 +61,15 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+def process_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def kill_quietly(pid: int, sig: int) -> None:
     """os.kill that ignores a process already gone."""
     try:

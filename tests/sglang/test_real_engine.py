@@ -22,7 +22,7 @@ from typing import Iterator
 import pytest
 
 from fleet_processes import ROOT, Router, Supervisor, Supervisors, http, real_env
-from fleet_testing import FLEET_BIN, descendants, kill_quietly, wait_until
+from fleet_testing import FLEET_BIN, descendants, kill_quietly, process_alive as alive, wait_until
 from sglang_fleet import rendezvous as rdv
 
 pytestmark = pytest.mark.sglang
@@ -56,14 +56,6 @@ def engine_pid(sup: Supervisor, since: int = 0) -> int:
     """The pid of the last engine the supervisor started (its launch_server)."""
     rec = sup.wait_for("engine started pid", timeout=READY, since=since)
     return int(sup.events("engine started pid", since)[-1].get("pid") or rec["pid"])
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def engine_output(sup: Supervisor, contains: str, since: int = 0) -> list[dict]:

@@ -32,6 +32,8 @@ FAKE_ENGINE = textwrap.dedent('''
     ap.add_argument("--fail-first", type=int, default=0)  # exit 1 on the first N starts
     ap.add_argument("--grandchild-file")  # spawn a sleeping grandchild, write its pid here
     ap.add_argument("--ignore-term-file") # ignore SIGTERM, then create this file
+    ap.add_argument("--graceful-file")    # like SGLang's rank 0: on SIGTERM note whether the grandchild
+                                          # still lives, stop it, exit 0
     a = ap.parse_args()
     starts = 0
     if a.count_file:
@@ -52,6 +54,14 @@ FAKE_ENGINE = textwrap.dedent('''
         with open(a.grandchild_file + ".tmp", "w") as f:
             f.write(str(gc.pid))
         os.rename(a.grandchild_file + ".tmp", a.grandchild_file)
+    if a.graceful_file:
+        def graceful(*_):
+            with open(a.graceful_file, "w") as f:
+                f.write(f"grandchild alive at SIGTERM: {gc.poll() is None}")
+            gc.kill()
+            gc.wait()
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, graceful)
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -205,6 +215,32 @@ def test_stop_kills_the_whole_process_group_including_grandchild(new_engine, fak
     assert "after SIGTERM" in sentence and "(exit code -15)" in sentence
     assert engine.state is EngineState.STOPPED
     assert not alive(child) and not alive(grandchild)
+
+
+def test_rank0_stop_lets_launch_server_stop_its_own_children(new_engine, fake, tmp_path):
+    """SGLang's graceful exit needs SIGTERM at launch_server alone: its scheduler must still be there while
+    it drains (a SIGTERM reaching the scheduler directly makes SGLang abort its whole tree)."""
+    gc_file, graceful = tmp_path / "grandchild", tmp_path / "graceful"
+    engine = new_engine(rank=0)
+    engine.start(fake("--grandchild-file", str(gc_file), "--graceful-file", str(graceful)))
+    grandchild = int(eventually(lambda: gc_file.exists() and gc_file.read_text()))
+    sentence = engine.stop(grace=5)
+    assert graceful.read_text() == "grandchild alive at SIGTERM: True"
+    assert "SIGTERM to launch_server" in engine.history[-2][1]
+    assert "after SIGTERM" in sentence and "(exit code 0)" in sentence
+    assert not alive(grandchild)
+
+
+def test_rank1_stop_signals_the_whole_group(new_engine, fake, tmp_path):
+    """launch_server of a rank > 0 ignores SIGTERM (it waits for rank 0's ShutdownReq): the group gets it."""
+    gc_file, ignoring = tmp_path / "grandchild", tmp_path / "ignoring"
+    engine = new_engine(rank=1)
+    engine.start(fake("--grandchild-file", str(gc_file), "--ignore-term-file", str(ignoring)))
+    grandchild = int(eventually(lambda: gc_file.exists() and gc_file.read_text()))
+    sentence = engine.stop(grace=1)
+    assert "SIGTERM to its process group" in engine.history[-2][1]
+    assert "with SIGKILL after 1 s grace" in sentence
+    assert not alive(grandchild)
 
 
 def test_stop_sends_sigkill_after_grace_to_an_engine_ignoring_sigterm(new_engine, fake, tmp_path):
