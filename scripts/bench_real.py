@@ -4,15 +4,19 @@ nodes), under sglang-fleet and, as the anchor, started by hand the guide's way. 
 
 sglang-fleet (real Consul, real smg, two `sglang-fleet node` on 127.0.0.x, FLEET_DEVICE=cpu):
   formation_s   last member's supervisor started -> first /generate through the router answers 200
-  detection     kill -9 of rank 1 (supervisor + engine: the host dies) -> every process of the survivor's
-                engine gone (engines_stopped_s), the router no longer lists the group (route_withdrawn_s)
+  detection     kill -9 of rank 1 (supervisor + engine: the host dies), 3 s after serving -> the survivor's
+                loop names the peer that left (peer_left_s) and withdraws the registration
+                (registration_withdrawn_s), every process of its engine is gone (engines_stopped_s), the
+                router no longer routes to the group (route_withdrawn_s: not `ready` there)
   reformation_s replacement supervisor started -> first /generate through the router answers 200
 The guide's way (the two `sglang-fleet plan` command lines, fixed --dist-init-addr, no supervisor):
-  formation_s   last launch_server started -> first /generate on rank 0 answers 200
-  after kill -9 of rank 1's process group: rank0_http_gone_s, rank0_processes_gone_s (or null: still
-                there at the end of the wait); nothing restarts it and no router is told.
+  formation_s   last launch_server started -> rank 0's /health answers 200 (SGLang's warm-up done) and a
+                /generate answers 200
+  after kill -9 of rank 1's process group (3 s after serving): rank0_http_gone_s (GET /v1/models stops
+                answering within 2 s), rank0_processes_gone_s (or null: still there 60 s later);
+                nothing restarts it and no router is told.
 
-  scripts/bench real                       # = .venv/bin/python scripts/bench_real.py --runs 2
+  scripts/bench real                       # = .venv/bin/python scripts/bench_real.py --runs 3
 Needs FLEET_SGLANG_PYTHON (scripts/install-sglang-cpu), FLEET_CONSUL_BIN, FLEET_SMG_BIN (scripts/bench sets them).
 """
 from __future__ import annotations
@@ -36,6 +40,7 @@ from fleet_testing import FLEET_BIN, descendants, emit_json, free_port, process_
 from sglang_fleet.process_group import group_alive  # noqa: E402
 
 WAIT = 300.0
+SETTLE = 3.0  # seconds of steady serving before the kill
 PROMPT = {"text": "hello", "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
 
 
@@ -46,10 +51,30 @@ def answers_generate(url: str) -> bool:
         return False
 
 
+def api_answers(url: str) -> bool:
+    """rank 0's API answers at all (GET /v1/models, no generation, 2 s deadline)."""
+    try:
+        return H.http("GET", url + "/v1/models", timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+def warmed_up(url: str) -> bool:
+    """SGLang's own readiness (its warm-up done: /health 200), and a request answered."""
+    try:
+        return H.http("GET", url + "/health", timeout=30)[0] == 200 and answers_generate(url)
+    except OSError:
+        return False
+
+
 def until(predicate, what: str, timeout: float = WAIT, interval: float = 0.1) -> float:
     """Seconds (wall clock, time.time()) at which `predicate` first held."""
     wait_until(predicate, timeout, what, interval=interval)
     return time.time()
+
+
+def ts(rec: dict) -> float:
+    return datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
 def member_env(core: int) -> dict[str, str]:
@@ -59,6 +84,8 @@ def member_env(core: int) -> dict[str, str]:
 
 def fleet_run(agent: H.ConsulAgent, env: dict[str, str], work: Path, run: int) -> dict:
     cluster = f"bench-real-{run}"
+    work = work / cluster  # each run its own logs: a supervisor's log is appended to, never replaced
+    work.mkdir()
     router = H.Router(agent.addr, cluster, work, FLEET_ROUTER_MODE="regular")
     sups = H.Supervisors(agent, cluster, work, env)
     try:
@@ -67,17 +94,22 @@ def fleet_run(agent: H.ConsulAgent, env: dict[str, str], work: Path, run: int) -
         t0 = time.time()
         second = sups.start("tp-b", **member_env(1))
         formed = until(lambda: answers_generate(router.url), "the group to serve through the router")
+        time.sleep(SETTLE)
         engine0 = descendants(first.proc.pid)
         t_kill = time.time()
         second.kill9(with_engine=True)
         stopped = until(lambda: not any(process_alive(p) for p in engine0), "the survivor's engine to stop", 120)
-        withdrawn = until(lambda: first.http_url not in {w["url"] for w in router.workers()},
-                          "the router to drop the group", 120)
+        withdrawn = until(lambda: not any(w["url"] == first.http_url and w.get("status") == "ready"
+                                          for w in router.workers()), "the router to stop routing to the group", 120)
+        left = ts(first.wait_for("peer tp-b (rank 1) left", timeout=60))
+        deregistered = ts(first.wait_for("withdrew serving registration", timeout=60))
         t_rep = time.time()
         sups.start("tp-b", **member_env(1))
         reformed = until(lambda: answers_generate(router.url), "the group to serve again")
         return {"formation_s": round(formed - t0, 2),
-                "detection": {"engines_stopped_s": round(stopped - t_kill, 2),
+                "detection": {"peer_left_s": round(left - t_kill, 2),
+                              "registration_withdrawn_s": round(deregistered - t_kill, 2),
+                              "engines_stopped_s": round(stopped - t_kill, 2),
                               "route_withdrawn_s": round(withdrawn - t_kill, 2)},
                 "reformation_s": round(reformed - t_rep, 2)}
     finally:
@@ -111,13 +143,14 @@ def by_hand_run(env: dict[str, str], work: Path, run: int) -> dict:
                                           stdin=subprocess.DEVNULL, start_new_session=True))
             log.close()
         url0 = f"http://127.0.0.1:{ports[0]}"
-        formed = until(lambda: answers_generate(url0), "rank 0 started by hand to serve")
+        formed = until(lambda: warmed_up(url0), "rank 0 started by hand to serve")
+        time.sleep(SETTLE)
         t_kill = time.time()
         os.killpg(procs[1].pid, signal.SIGKILL)
         http_gone = proc_gone = None
         deadline = t_kill + 60
         while time.time() < deadline and (http_gone is None or proc_gone is None):
-            if http_gone is None and not H.answers(url0 + "/health"):
+            if http_gone is None and not api_answers(url0):
                 http_gone = time.time() - t_kill
             procs[0].poll()
             if proc_gone is None and not group_alive(procs[0].pid):
@@ -142,7 +175,7 @@ def median(values: list[float]) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     py = os.environ.get("FLEET_SGLANG_PYTHON") or subprocess.run(
@@ -163,8 +196,7 @@ def main() -> int:
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": f"{os.cpu_count()} cores",
         "engine": "SGLang 0.5.23 launch_server, --device cpu, tiny random Llama, TP 2 over 2 nodes (1 core each)",
         "sglang_fleet": {"formation_s": median([r["formation_s"] for r in fleet]),
-                         "detection_engines_stopped_s": median([r["detection"]["engines_stopped_s"] for r in fleet]),
-                         "detection_route_withdrawn_s": median([r["detection"]["route_withdrawn_s"] for r in fleet]),
+                         **{f"detection_{k}": median([r["detection"][k] for r in fleet]) for k in fleet[0]["detection"]},
                          "reformation_s": median([r["reformation_s"] for r in fleet]), "runs": fleet},
         "by_hand": {"formation_s": median([r["formation_s"] for r in hand]), "runs": hand},
         "logs": str(work),

@@ -24,6 +24,8 @@ ENGINES = ("sglang", "sim")
 DEVICES = ("cuda", "cpu")
 NET_PROFILES = ("auto", "ethernet", "infiniband", "roce")
 ROUTER_MODES = ("auto", "pd", "regular")
+# SGLang 0.5.23's --disaggregation-transfer-backend choices (srt/arg_groups/choices.py), and auto.
+TRANSFER_BACKENDS = ("auto", "mooncake", "mooncake_tcp", "nixl", "ascend", "mori", "fake")
 ROUTER_POLICIES = ("random", "round_robin", "cache_aware", "power_of_two", "least_load", "consistent_hashing",
                    "prefix_hash")
 # SGLang 0.5.23's --moe-a2a-backend choices.
@@ -36,6 +38,7 @@ RESERVED_ENGINE_FLAGS = {
     "tp-size": "FLEET_TP_SIZE", "tp": "FLEET_TP_SIZE", "tensor-parallel-size": "FLEET_TP_SIZE",
     "model-path": "FLEET_MODEL_PATH", "model": "FLEET_MODEL_PATH", "port": "FLEET_HTTP_PORT",
     "host": "sglang-fleet (always 0.0.0.0)", "disaggregation-mode": "FLEET_ROLE",
+    "disaggregation-transfer-backend": "FLEET_TRANSFER_BACKEND",
     "disaggregation-bootstrap-port": "FLEET_BOOTSTRAP_PORT",
 }
 PREFILL_ONLY_ENGINE_FLAGS = frozenset({"chunked-prefill-size", "max-prefill-tokens",
@@ -235,6 +238,10 @@ SETTINGS: tuple[Setting, ...] = (
             "to the address of the interface that routes to Consul.", "10.0.0.12"),
     Setting("http_port", _int, 30000, "The engine's HTTP port (--port).", "30000"),
     Setting("dist_port", _int, 20000, "Port of the dist-init address on rank 0 (--dist-init-addr).", "20000"),
+    Setting("transfer_backend", _str, "auto", "Prefill/decode nodes: how the KV moves "
+            "(--disaggregation-transfer-backend). auto: mooncake (RDMA) on the infiniband and roce profiles, "
+            "mooncake_tcp on ethernet (SGLang's default mooncake needs RDMA and cannot start without it).",
+            "nixl", TRANSFER_BACKENDS),
     Setting("bootstrap_port", _int, 8998, "Prefill KV bootstrap port (--disaggregation-bootstrap-port).",
             "8998"),
     Setting("net_profile", _str, "auto", "NCCL/GLOO profile from config/nccl; auto detects InfiniBand and "
@@ -249,8 +256,10 @@ SETTINGS: tuple[Setting, ...] = (
             "waits, after withdrawing its serving registration, for the requests in flight to finish before the "
             "engine is stopped; 0 stops at once. A container's stop timeout must be at least drain_timeout + "
             "stop_grace + 15.", "60"),
-    Setting("start_attempts", _int, 3, "Engine start attempts (exit before ready, or not ready in time) "
-            "before the generation is given up.", "3"),
+    Setting("start_attempts", _int, 3, "One-node groups: engine start attempts (exit before ready, or not "
+            "ready in time) before the generation is given up. In a multi-node group the first failed start "
+            "ends the generation for the whole group (its peers wait in SGLang's rendezvous and cannot take a "
+            "lone restarted rank back).", "3"),
     Setting("max_failures", _int, 5, "Consecutive failed generations caused by this node before it goes "
             "FATAL and exits non-zero.", "5"),
     Setting("backoff_base", _float, 1.0, "First backoff in seconds; doubles per consecutive failure.", "1"),
@@ -333,6 +342,7 @@ class FleetConfig:
     advertise_addr: str = ""
     http_port: int = 30000
     dist_port: int = 20000
+    transfer_backend: str = "auto"
     bootstrap_port: int = 8998
     net_profile: str = "auto"
     sysfs_root: str = "/sys"

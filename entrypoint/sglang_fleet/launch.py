@@ -5,9 +5,11 @@ pinned SGLang (0.5.23): `--tp-size`, never the prefix-matched `--tp`; `--attn-dp
 guide's deprecated `--dp-size N --enable-dp-attention`; `--cuda-graph-max-bs-decode` for the guide's
 now ambiguous `--cuda-graph-max-bs`. docs/configuration.md has the full mapping.
 
-The environment is built explicitly from an allowlist of the parent's variables: the supervisor's own
-FLEET_* / CONSUL_* settings and secrets never reach the engine. The NCCL/GLOO profile (netprofile.py)
-adds its variables; a variable the user already set wins and is reported in `warnings`.
+The environment is the parent's minus the supervisor's own FLEET_* / CONSUL_* settings (Consul's token
+among them): SGLang 0.5.23 alone reads ~750 SGLANG_* variables (srt/environ.py) besides HOST_IP,
+MASTER_ADDR, MOONCAKE_*, NIXL_*, ASCEND_*/HCCL_*, torch's and NCCL's, so an allowlist would always lag.
+The NCCL/GLOO profile (netprofile.py), the CPU backend and the PD side channel add their variables; a
+variable the user already set wins and is reported in `warnings`.
 """
 from __future__ import annotations
 
@@ -45,18 +47,6 @@ FLAG_ALIASES = {
     "cuda-graph-bs": "cuda-graph-bs-decode",
 }
 
-# Parent variables the engine inherits: exact names, and prefixes.
-INHERITED_NAMES = frozenset({
-    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TERM", "HOSTNAME", "SHELL", "TMPDIR",
-    "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CONDA_PREFIX", "XDG_CACHE_HOME", "SSL_CERT_FILE", "SSL_CERT_DIR",
-    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
-    "https_proxy", "no_proxy", "OMP_NUM_THREADS", "LD_PRELOAD",
-})
-INHERITED_PREFIXES = (
-    "LC_", "CUDA_", "NVIDIA_", "NVSHMEM_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_", "NCCL_", "GLOO_",
-    "SGLANG_", "SGL_", "TORCH", "PYTORCH_", "PYTHON", "TRITON_", "FLASHINFER_", "UCX_", "MC_", "MKL_",
-    "KMP_", "CUBLAS_", "CUDNN_",
-)
 # FLEET_DEVICE=cpu: what SGLang's CPU guide preloads (Intel OpenMP from the engine's venv, then a faster
 # malloc). Each one is preloaded only where it is installed.
 CPU_PRELOADS = ("libiomp5.so", "libtcmalloc.so.4", "libtbbmalloc.so.2")
@@ -78,18 +68,29 @@ class EngineLaunch:
     warnings: list[str] = field(default_factory=list)
 
 
-def _inherited(name: str) -> bool:
-    if name.startswith(STRIPPED_PREFIXES):
-        return False
-    return name in INHERITED_NAMES or name.startswith(INHERITED_PREFIXES)
+def net_profile(cfg: FleetConfig) -> netprofile.NetProfile:
+    try:
+        return netprofile.resolve(cfg.net_profile, cfg.sysfs_root)
+    except (netprofile.ProfileError, OSError) as e:
+        raise ConfigError([f"FLEET_NET_PROFILE={cfg.net_profile!r}: {e}"]) from None
 
 
-def engine_flags(cfg: FleetConfig, rank: int, nnodes: int, dist_init_addr: str) -> tuple[list[str], list[str]]:
+def transfer_backend(cfg: FleetConfig, profile: str) -> str:
+    """FLEET_TRANSFER_BACKEND, or for auto what the network carries: SGLang's default `mooncake` speaks RDMA
+    (MOONCAKE_PROTOCOL defaults to rdma), which an Ethernet-only host cannot open."""
+    if cfg.transfer_backend != "auto":
+        return cfg.transfer_backend
+    return "mooncake_tcp" if profile == "ethernet" else "mooncake"
+
+
+def engine_flags(cfg: FleetConfig, rank: int, nnodes: int, dist_init_addr: str,
+                 profile: str = "ethernet") -> tuple[list[str], list[str]]:
     """SGLang flags (without the interpreter) and notes about mapped or overridden flags."""
     notes: list[str] = []
     flags: dict[str, Any] = {"model-path": cfg.model_path}
     if cfg.role in ("prefill", "decode"):
         flags["disaggregation-mode"] = cfg.role
+        flags["disaggregation-transfer-backend"] = transfer_backend(cfg, profile)
     flags["tp-size"] = str(cfg.tp_size)
     if cfg.ep_size is not None:
         flags["ep-size"] = str(cfg.ep_size)
@@ -158,15 +159,12 @@ def _show(value: Any) -> str:
 
 
 def engine_env(cfg: FleetConfig, advertise_addr: str, parent_env: Mapping[str, str] | None = None,
-               proc_root: str = "/proc") -> tuple[dict[str, str], list[str]]:
+               proc_root: str = "/proc", profile: netprofile.NetProfile | None = None) -> tuple[dict[str, str], list[str]]:
     """The engine's complete environment and notes (profile choice, user values that won)."""
     parent = os.environ if parent_env is None else parent_env
-    env = {k: v for k, v in parent.items() if _inherited(k)}
+    env = {k: v for k, v in parent.items() if not k.startswith(STRIPPED_PREFIXES)}
     notes: list[str] = []
-    try:
-        profile = netprofile.resolve(cfg.net_profile, cfg.sysfs_root)
-    except (netprofile.ProfileError, OSError) as e:
-        raise ConfigError([f"FLEET_NET_PROFILE={cfg.net_profile!r}: {e}"]) from None
+    profile = profile or net_profile(cfg)
     notes.append(f"NCCL profile {profile.name} ({profile.reason})")
     wanted = dict(profile.env)
     source = {name: f"profile {profile.name}" for name in wanted}
@@ -177,6 +175,15 @@ def engine_env(cfg: FleetConfig, advertise_addr: str, parent_env: Mapping[str, s
     else:
         notes.append(f"no local interface holds the advertise address {advertise_addr!r}: "
                      f"NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME not set (NCCL and GLOO pick one)")
+    if cfg.role in ("prefill", "decode") and advertise_addr:
+        # Every prefill/decode TP rank binds its KV side channel (ZMQ) on get_local_ip_auto(): SGLANG_HOST_IP,
+        # HOST_IP, else the interface routing to 8.8.8.8 (srt/utils/network.py), often a management network.
+        if "HOST_IP" in env and "SGLANG_HOST_IP" not in env:
+            notes.append(f"HOST_IP={env['HOST_IP']} from the environment wins over SGLANG_HOST_IP={advertise_addr} "
+                         f"(PD side channel)")
+        else:
+            wanted["SGLANG_HOST_IP"] = advertise_addr
+            source["SGLANG_HOST_IP"] = "PD side channel"
     if cfg.device == "cpu":
         cpu_env, cpu_notes = cpu_engine_env(cfg)
         wanted.update(cpu_env)
@@ -241,12 +248,13 @@ def cpu_engine_env(cfg: FleetConfig, lib_dirs: tuple[str, ...] = SYSTEM_LIB_DIRS
 def build_launch(cfg: FleetConfig, rank: int, nnodes: int, dist_init_addr: str, advertise_addr: str,
                  parent_env: Mapping[str, str] | None = None) -> EngineLaunch:
     """argv + env + warnings for this node's engine under the given assignment."""
-    flags, flag_notes = engine_flags(cfg, rank, nnodes, dist_init_addr)
+    profile = net_profile(cfg)
+    flags, flag_notes = engine_flags(cfg, rank, nnodes, dist_init_addr, profile.name)
     if cfg.engine == "sim":
         argv = [sys.executable, "-m", "sglang_fleet", "sim-engine", *flags]
     else:
         argv = [cfg.engine_python, "-m", SGLANG_MODULE, *flags]
-    env, env_notes = engine_env(cfg, advertise_addr, parent_env)
+    env, env_notes = engine_env(cfg, advertise_addr, parent_env, profile=profile)
     warnings = flag_notes + env_notes
     try:
         if nnodes > 1 and ipaddress.ip_address(advertise_addr).is_loopback:

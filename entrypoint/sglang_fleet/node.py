@@ -318,8 +318,10 @@ class Node(Leaving):
         if now - self.engine_failed_at < settle:
             self._wait(0.25)
             return f"{reason}; checking whether a peer left first"
+        # Only a one-node group retries a start in place: the peers of a multi-node group wait in SGLang's
+        # TCPStore/NCCL rendezvous for the rank that failed and cannot take a lone restarted one back.
         never_ready = self.engine_ready_at is None
-        if never_ready and self.start_attempts < self.cfg.start_attempts:
+        if never_ready and self.cfg.nnodes == 1 and self.start_attempts < self.cfg.start_attempts:
             delay = backoff(self.start_attempts, self.cfg.backoff_base, self.cfg.backoff_max)
             self.engine.stop()
             self.restart_engine_at = now + delay

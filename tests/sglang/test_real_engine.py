@@ -340,13 +340,15 @@ def test_engine_failing_on_one_node_ends_the_generation_then_that_node_is_fatal(
     bad_dir.mkdir()
     (good_dir / "model").symlink_to(tiny_model)
     common = {"FLEET_GROUP": "broken", "FLEET_NNODES": "2", "FLEET_TP_SIZE": "2", "FLEET_MODEL_PATH": "model",
-              "FLEET_MAX_FAILURES": "2"}
+              "FLEET_MAX_FAILURES": "2", "FLEET_START_ATTEMPTS": "3"}
     good = supervisors.start("ok", cwd=good_dir, FLEET_RANK0="1", FLEET_CPU_CORES="0", **common)
     bad = supervisors.start("bad", cwd=bad_dir, FLEET_CPU_CORES="1", **common)
 
     assert bad.wait_exit(timeout=240) == 1
     fatal = bad.wait_for("FATAL: engine failed in 2 consecutive generation(s)")
     assert "engine exited with code" in fatal["event"]
+    # No lone retry of the failed rank: each failed start ended the generation for both.
+    assert not bad.events("engine start attempt") and len(bad.events("ending generation")) == 2
     assert good.alive()
     # The healthy node is back in a fresh generation, alone, waiting for its peer: not hung, not failed.
     g = view(consul_api, cluster_name, "broken").generation

@@ -400,3 +400,36 @@ def test_cli_json_and_exit_code_one_when_consul_is_unreachable():
 def test_cli_configuration_error_exits_78():
     proc = cli(FLEET_ENGINE="sim", FLEET_MODEL_PATH="m", FLEET_NNODES="2")
     assert proc.returncode == 78 and "FLEET_GROUP" in proc.stderr
+
+
+# ---- FLEET_DEVICE=cpu ------------------------------------------------------------------------------------
+def cpuinfo(tmp_path: Path, flags: str) -> str:
+    proc = tmp_path / "proc"
+    proc.mkdir(exist_ok=True)
+    (proc / "cpuinfo").write_text(f"processor\t: 0\nmodel name\t: Test Xeon\nflags\t\t: fpu sse2 {flags}\n\n")
+    return str(proc)
+
+
+@pytest.mark.parametrize("flags, status, says", [
+    ("avx512f avx512_bf16 amx_tile amx_bf16 amx_int8", doctor.OK, "Test Xeon with avx512f, avx512_bf16, amx_tile"),
+    ("avx512f", doctor.WARN, "no AMX"),
+    ("avx2", doctor.FAIL, "needs AVX-512"),
+])
+def test_cpu_device_checks_avx512_and_amx(tmp_path, flags, status, says):
+    cfg = cfg_of(device="cpu", cpu_cores="0-3", tp_size=2)
+    check = doctor.check_cpu(cfg, host(tmp_path, proc_root=cpuinfo(tmp_path, flags)))
+    assert check.status == status and says in check.detail
+    assert "4 core(s) for 2 TP rank(s) (SGLANG_CPU_OMP_THREADS_BIND=0-1|2-3)" in check.detail
+
+
+def test_cpu_device_skips_gpu_and_nccl_and_cuda_skips_cpu(tmp_path):
+    cpu = {c.name: c for c in doctor.run_checks(cfg_of(device="cpu"), host(tmp_path))}
+    assert cpu["gpu"].status == cpu["nccl"].status == doctor.SKIP and "device cpu" in cpu["nccl"].detail
+    cuda = {c.name: c for c in doctor.run_checks(cfg_of(), host(tmp_path))}
+    assert cuda["cpu"].status == doctor.SKIP and cuda["gpu"].status != doctor.SKIP
+
+
+def test_cpu_device_with_fewer_cores_than_ranks_fails(tmp_path):
+    check = doctor.check_cpu(cfg_of(device="cpu", cpu_cores="0", tp_size=2),
+                             host(tmp_path, proc_root=cpuinfo(tmp_path, "avx512f amx_bf16 amx_int8")))
+    assert check.status == doctor.FAIL and "1 core(s) for 2 TP rank(s)" in check.detail

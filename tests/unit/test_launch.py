@@ -49,6 +49,7 @@ def test_guide_prefill_node1_argv():
         "python3", "-m", "sglang.launch_server",
         "--model-path", "deepseek-ai/DeepSeek-R1",
         "--disaggregation-mode", "prefill",
+        "--disaggregation-transfer-backend", "mooncake_tcp",  # ethernet profile
         "--tp-size", "16",
         "--attn-dp-size", "16",
         "--dist-init-addr", "10.0.0.1:20000",
@@ -160,14 +161,49 @@ PARENT = {
 }
 
 
-def test_env_is_an_allowlist_without_own_settings_or_secrets():
+def test_env_is_the_parents_without_own_settings_or_consul_secrets():
     env = build(cfg_of(model_path="m"), parent=PARENT).env
     for name in ("PATH", "HOME", "LANG", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HF_TOKEN", "HF_HOME",
                  "NCCL_NVLS_ENABLE", "SGLANG_SET_CPU_AFFINITY", "TORCH_CUDA_ARCH_LIST", "PYTHONPATH",
-                 "LD_LIBRARY_PATH", "TMPDIR"):
+                 "LD_LIBRARY_PATH", "TMPDIR", "AWS_SECRET_ACCESS_KEY", "RANDOM_VAR"):
         assert env[name] == PARENT[name], name
     assert not [k for k in env if k.startswith(("FLEET_", "CONSUL_"))]
-    assert "AWS_SECRET_ACCESS_KEY" not in env and "RANDOM_VAR" not in env
+
+
+def test_variables_sglang_and_its_backends_read_reach_the_engine():
+    # Dropped by the former allowlist: SGLang 0.5.23 reads each of them (srt/utils/network.py, mooncake,
+    # nixl, torch.distributed, Ascend).
+    theirs = {"HOST_IP": "10.1.0.5", "SGLANG_HOST_IP": "10.1.0.6", "MOONCAKE_PROTOCOL": "tcp",
+              "NIXL_PLUGIN_DIR": "/opt/nixl", "MASTER_ADDR": "10.1.0.1", "MASTER_PORT": "29500",
+              "ASCEND_RT_VISIBLE_DEVICES": "0", "HCCL_BUFFSIZE": "200", "SGLANG_ENABLE_TORCH_COMPILE": "1"}
+    env = build(cfg_of(model_path="m", role="decode"), parent={**theirs, "CONSUL_HTTP_TOKEN": "t",
+                                                                 "FLEET_ROUTER_API_KEY": "k"}).env
+    assert {k: env.get(k) for k in theirs} == theirs
+    assert "CONSUL_HTTP_TOKEN" not in env and "FLEET_ROUTER_API_KEY" not in env
+
+
+def test_pd_nodes_bind_their_side_channel_on_the_advertise_address():
+    for role in ("prefill", "decode"):
+        built = build(cfg_of(model_path="m", role=role), advertise="10.0.0.7")
+        assert built.env["SGLANG_HOST_IP"] == "10.0.0.7"
+    assert "SGLANG_HOST_IP" not in build(cfg_of(model_path="m"), advertise="10.0.0.7").env  # regular: no PD
+    mine = build(cfg_of(model_path="m", role="decode"), advertise="10.0.0.7", parent={"SGLANG_HOST_IP": "10.9.9.9"})
+    assert mine.env["SGLANG_HOST_IP"] == "10.9.9.9"
+    assert "SGLANG_HOST_IP=10.9.9.9 from the environment wins over 10.0.0.7 (PD side channel)" in mine.warnings
+    host_ip = build(cfg_of(model_path="m", role="prefill"), advertise="10.0.0.7", parent={"HOST_IP": "10.8.8.8"})
+    assert "SGLANG_HOST_IP" not in host_ip.env and host_ip.env["HOST_IP"] == "10.8.8.8"
+    assert any("HOST_IP=10.8.8.8 from the environment wins" in w for w in host_ip.warnings)
+
+
+@pytest.mark.parametrize("profile, setting, backend", [
+    ("ethernet", "auto", "mooncake_tcp"), ("infiniband", "auto", "mooncake"), ("roce", "auto", "mooncake"),
+    ("ethernet", "nixl", "nixl"),
+])
+def test_transfer_backend_follows_the_network(profile, setting, backend):
+    for role in ("prefill", "decode"):
+        argv = build(cfg_of(model_path="m", role=role, net_profile=profile, transfer_backend=setting)).argv
+        assert flags(argv)["disaggregation-transfer-backend"] == backend
+    assert "--disaggregation-transfer-backend" not in build(cfg_of(model_path="m", net_profile=profile)).argv
 
 
 def test_profile_env_and_user_values_win():
@@ -245,8 +281,9 @@ def test_plan_json_done_when():
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert set(out) == {"argv", "env", "warnings"}
-    assert out["argv"][3:] == build(cfg_of(preset="deepseek-r1-prefill", group="r1-prefill-a", nnodes=2),
-                                    rank=1).argv[3:]
+    assert out["argv"][3:] == build(cfg_of(preset="deepseek-r1-prefill", group="r1-prefill-a", nnodes=2,
+                                           net_profile="infiniband"), rank=1).argv[3:]
+    assert out["argv"][out["argv"].index("--disaggregation-transfer-backend") + 1] == "mooncake"
     assert out["env"]["NCCL_IB_DISABLE"] == "0" and out["env"]["NCCL_IB_SPLIT_DATA_ON_QPS"] == "1"
     assert out["env"]["HF_TOKEN"] == "***"
     assert "CONSUL_HTTP_TOKEN" not in out["env"]

@@ -173,6 +173,21 @@ def test_start_attempts_retry_within_the_generation(world):
     assert n.failures == 0 and n.generation == 0
 
 
+def test_a_failed_start_in_a_multinode_group_ends_the_generation_at_once(world, monkeypatch):
+    """SGLang's peers wait in its rendezvous for the failed rank: no lone retry, whatever FLEET_START_ATTEMPTS."""
+    monkeypatch.setattr(node_mod, "SETTLE_AFTER_ENGINE_FAILURE", 0.0)
+    api, calls, engines = world
+    a, b = make_node(api, "a", FLEET_RANK0=1, FLEET_START_ATTEMPTS=3), make_node(api, "bb", FLEET_START_ATTEMPTS=3)
+    cycle_until(a, "claimed rank 0")
+    cycle_until(b, "claimed rank 1")
+    for n in (a, b):
+        cycle_until(n, "engine started (pid 4242, attempt 1)")
+    engines["bb"].state, engines["bb"].reason = EngineState.EXITED, "engine exited with code 1 before ready"
+    assert cycle_until(b, "ending generation") == "engine exited with code 1 before ready; ending generation 0"
+    assert b.start_attempts == 1 and b.failures == 1
+    assert cycle_until(a, "ended").startswith("generation 0 ended by bb: engine exited with code 1 before ready")
+
+
 def test_session_invalidated_while_waiting_for_a_rank_rejoins(world):
     api, calls, engines = world
     a, b = make_node(api, "a", FLEET_NODE_RANK=0), make_node(api, "bb", FLEET_NODE_RANK=0)

@@ -65,3 +65,14 @@ def test_router_view_error_is_one_readable_line():
     data["routers"] = {"error": "router view unavailable: health_service: 500 No cluster leader"}
     assert status.format_text(data).splitlines()[-1] == \
         "routers: router view unavailable: health_service: 500 No cluster leader"
+
+
+def test_a_fatal_node_is_shown_with_its_reason():
+    k = rdv.Keys("c", "g1")
+    kv = [ca.KVEntry(k.gen, b"4", 5),
+          ca.KVEntry(k.fatal("b"), b'{"node":"b","reason":"engine failed in 2 consecutive generation(s)","at":1}', 9)]
+    data = status.collect(Answers(kv, {}), "c")
+    (g,) = data["groups"]
+    assert g["fatal"] == [{"node": "b", "reason": "engine failed in 2 consecutive generation(s)", "at": 1}]
+    assert g["members"] == [] and g["generation"] == 4
+    assert "  FATAL   b: engine failed in 2 consecutive generation(s)" in status.format_text(data).splitlines()
