@@ -380,6 +380,14 @@ class FleetConfig:
         return self.tp_size * (self.pp_size or 1) * replicas
 
     @property
+    def dist_ports(self) -> list[int]:
+        """Every port SGLang 0.5.23 derives from the dist-init port on rank 0: the port itself, and with
+        attention DP its ZMQ ports +1..+6 (srt/server_args.py:843, port_base = dist + 1) and the DP
+        handshake +13 (DP_ATTENTION_HANDSHAKE_PORT_DELTA, srt/managers/data_parallel_controller.py:509)."""
+        p = self.dist_port
+        return [p, *range(p + 1, p + 7), p + 13] if self.attn_dp else [p]
+
+    @property
     def gpus_per_node(self) -> int:
         return max(1, self.world_size // max(1, self.nnodes))
 

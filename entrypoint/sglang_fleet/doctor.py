@@ -33,7 +33,8 @@ ROCE_MIN_MTU = 4096  # RoCE wants jumbo frames (the guide: mtu 9000)
 CONSUL_TIMEOUT = 2.0
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")
 # Checks only a GPU node running the real engine needs, and why the router and the sim engine skip them.
-ENGINE_CHECKS = {"sglang": "SGLang not used", "gpu": "no GPU needed", "cpu": "no CPU kernels needed", "nccl": "no NCCL used", "rdma": "no RDMA used",
+ENGINE_CHECKS = {"sglang": "SGLang not used", "gpu": "no GPU needed", "cpu": "no CPU kernels needed",
+                 "transfer": "no KV transfer library loaded", "nccl": "no NCCL used", "rdma": "no RDMA used",
                  "model": "no model files loaded", "memory": "no shared or locked memory needed"}
 # Runs in FLEET_ENGINE_PYTHON (the interpreter that has SGLang), not in the supervisor's own Python.
 NCCL_PROBE = """import json
@@ -148,6 +149,34 @@ def check_gpu(cfg: FleetConfig, host: Host) -> Check:
         return Check("gpu", FAIL, f"{saw}: give the container the GPUs (docker run --gpus all, the NVIDIA runtime, "
                      f"Kubernetes nvidia.com/gpu: {need}) or lower FLEET_TP_SIZE.")
     return Check("gpu", OK, saw + (", the rest stay idle." if found > need else "."))
+
+
+# The module SGLang 0.5.23 imports for each KV transfer backend (srt/disaggregation/<backend>/conn.py).
+TRANSFER_MODULES = {"mooncake": "mooncake.engine", "mooncake_tcp": "mooncake.engine", "nixl": "nixl._api",
+                    "mori": "mori.io", "ascend": "mf_adapter", "fake": None}
+
+
+def check_transfer(cfg: FleetConfig, host: Host) -> Check:
+    """Prefill/decode: which KV transfer backend the engine gets, and whether its library imports there."""
+    if cfg.role not in ("prefill", "decode"):
+        return Check("transfer", SKIP, f"role {cfg.role}: no KV transfer between groups.")
+    profile = _profile(cfg)
+    backend = launch.transfer_backend(cfg, profile)
+    why = "FLEET_TRANSFER_BACKEND" if cfg.transfer_backend != "auto" else f"auto, network profile {profile}"
+    module = TRANSFER_MODULES.get(backend)
+    if module is None:
+        return Check("transfer", WARN if backend == "fake" else OK, f"backend {backend} ({why}).")
+    try:
+        proc = subprocess.run([cfg.engine_python, "-c", f"import {module}"], capture_output=True, text=True,
+                              timeout=60, env=None if host.env is None else dict(host.env))
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return Check("transfer", WARN, f"backend {backend} ({why}); could not ask {cfg.engine_python} ({e}).")
+    if proc.returncode:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return Check("transfer", FAIL, f"backend {backend} ({why}), but `import {module}` fails in "
+                     f"{cfg.engine_python}: {last}. Install its package in the engine's image, or choose another "
+                     f"FLEET_TRANSFER_BACKEND.")
+    return Check("transfer", OK, f"backend {backend} ({why}); `import {module}` works in {cfg.engine_python}.")
 
 
 CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -313,7 +342,8 @@ def check_ports(cfg: FleetConfig) -> Check:
     else:
         wanted = [("HTTP", "FLEET_HTTP_PORT", cfg.http_port)]
         if cfg.node_rank in (None, 0):  # rank 0 binds the dist-init and bootstrap ports
-            wanted.append(("dist-init (rank 0)", "FLEET_DIST_PORT", cfg.dist_port))
+            wanted += [("dist-init (rank 0)" if port == cfg.dist_port else "derived from dist-init (rank 0)",
+                        "FLEET_DIST_PORT", port) for port in cfg.dist_ports]
             if cfg.role == "prefill":
                 wanted.append(("bootstrap (prefill)", "FLEET_BOOTSTRAP_PORT", cfg.bootstrap_port))
     free, busy = [], []
@@ -451,6 +481,7 @@ def run_checks(cfg: FleetConfig, host: Host | None = None, consul_timeout: float
         ("config", lambda: check_config(cfg, plan)), ("sglang", lambda: check_sglang(cfg, host)),
         ("gpu", lambda: check_gpu(cfg, host)), ("cpu", lambda: check_cpu(cfg, host)),
         ("nccl", lambda: check_nccl(cfg, host)), ("rdma", lambda: check_rdma(cfg, plan)),
+        ("transfer", lambda: check_transfer(cfg, host)),
         ("network", lambda: check_network(cfg, plan, host)), ("ports", lambda: check_ports(cfg)),
         ("model", lambda: check_model(cfg)), ("memory", lambda: check_memory(cfg, host)),
         ("consul", lambda: consul_check), ("peers", lambda: check_peers(cfg, api, plan.advertise)),

@@ -40,6 +40,10 @@ def validate_config(cfg: FleetConfig, cluster_only: bool = False) -> list[str]:
     return p
 
 
+def _ranges(ports: list[int]) -> str:
+    return f"{ports[0]}-{ports[-2]} and {ports[-1]}" if len(ports) > 1 else str(ports[0])
+
+
 def _host_like(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -95,8 +99,14 @@ def _validate_node(cfg: FleetConfig) -> list[str]:
     if cfg.role == "prefill" and cfg.bootstrap_port == cfg.http_port:
         p.append(f"FLEET_BOOTSTRAP_PORT={cfg.bootstrap_port}: must differ from FLEET_HTTP_PORT on a prefill "
                  f"node (both are served by rank 0)")
-    if cfg.dist_port == cfg.http_port:
-        p.append(f"FLEET_DIST_PORT={cfg.dist_port}: must differ from FLEET_HTTP_PORT (rank 0 binds both)")
+    taken = cfg.dist_ports
+    used = [("FLEET_HTTP_PORT", cfg.http_port)] + ([("FLEET_BOOTSTRAP_PORT", cfg.bootstrap_port)]
+                                                  if cfg.role == "prefill" else [])
+    for env, port in used:
+        if port in taken:
+            what = (f"the ports SGLang derives from it ({_ranges(taken)}, with FLEET_ATTN_DP=1)" if len(taken) > 1
+                    else "it (rank 0 binds both)")
+            p.append(f"{env}={port}: collides with FLEET_DIST_PORT={cfg.dist_port}: must be outside {what}")
     flags = [flag for flag, _ in cfg.sglang_args]
     prefill_only = sorted(set(flags) & PREFILL_ONLY_ENGINE_FLAGS - {"disaggregation-bootstrap-port"})
     if cfg.role == "decode" and prefill_only:

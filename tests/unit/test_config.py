@@ -125,7 +125,12 @@ INVALID = [
     ({"FLEET_HTTP_PORT": "70000"}, ["FLEET_HTTP_PORT=70000", "between 1 and 65535"]),
     ({"FLEET_ROLE": "prefill", "FLEET_BOOTSTRAP_PORT": "30000"},
      ["FLEET_BOOTSTRAP_PORT=30000", "differ from FLEET_HTTP_PORT"]),
-    ({"FLEET_DIST_PORT": "30000"}, ["FLEET_DIST_PORT=30000", "differ from FLEET_HTTP_PORT"]),
+    ({"FLEET_DIST_PORT": "30000"}, ["FLEET_HTTP_PORT=30000: collides with FLEET_DIST_PORT=30000"]),
+    # Attention DP: SGLang also binds dist-init +1..+6 and +13 (srt/server_args.py, data_parallel_controller.py).
+    ({"FLEET_DIST_PORT": "29987", "FLEET_TP_SIZE": "16", "FLEET_DP_SIZE": "16", "FLEET_ATTN_DP": "1"},
+     ["FLEET_HTTP_PORT=30000: collides with FLEET_DIST_PORT=29987", "29987-29993 and 30000"]),
+    ({"FLEET_ROLE": "prefill", "FLEET_BOOTSTRAP_PORT": "20004", "FLEET_TP_SIZE": "8", "FLEET_DP_SIZE": "8",
+      "FLEET_ATTN_DP": "1"}, ["FLEET_BOOTSTRAP_PORT=20004: collides with FLEET_DIST_PORT=20000"]),
     ({"FLEET_SGLANG_ARGS": "--tp 16"}, ["FLEET_SGLANG_ARGS", "--tp", "use FLEET_TP_SIZE"]),
     ({"FLEET_SGLANG_ARGS": "--disaggregation-mode decode"},
      ["FLEET_SGLANG_ARGS", "--disaggregation-mode", "use FLEET_ROLE"]),

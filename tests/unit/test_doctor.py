@@ -347,8 +347,8 @@ def test_peers_report_members_and_fingerprint_mismatches():
 def test_sim_engine_skips_the_gpu_checks(tmp_path):
     checks = doctor.run_checks(cfg_of(engine="sim"), host(tmp_path))
     by_name = {c.name: c for c in checks}
-    assert [c.name for c in checks] == ["config", "sglang", "gpu", "cpu", "nccl", "rdma", "network", "ports", "model",
-                                        "memory", "consul", "peers"]
+    assert [c.name for c in checks] == ["config", "sglang", "gpu", "cpu", "nccl", "rdma", "transfer", "network", "ports",
+                                        "model", "memory", "consul", "peers"]
     assert by_name["gpu"].status == doctor.SKIP and "sim engine: no GPU" in by_name["gpu"].detail
     assert all(by_name[n].status == doctor.SKIP for n in doctor.ENGINE_CHECKS)
 
@@ -433,3 +433,25 @@ def test_cpu_device_with_fewer_cores_than_ranks_fails(tmp_path):
     check = doctor.check_cpu(cfg_of(device="cpu", cpu_cores="0", tp_size=2),
                              host(tmp_path, proc_root=cpuinfo(tmp_path, "avx512f amx_bf16 amx_int8")))
     assert check.status == doctor.FAIL and "1 core(s) for 2 TP rank(s)" in check.detail
+
+
+# ---- KV transfer (prefill/decode) --------------------------------------------------------------------------
+def test_transfer_backend_and_its_library(tmp_path):
+    py = sys.executable  # has no mooncake
+    check = doctor.check_transfer(cfg_of(role="decode", engine_python=py, net_profile="ethernet"), host(tmp_path))
+    assert check.status == doctor.FAIL and "backend mooncake_tcp (auto, network profile ethernet)" in check.detail
+    assert "`import mooncake.engine` fails" in check.detail
+    fake = doctor.check_transfer(cfg_of(role="prefill", transfer_backend="fake"), host(tmp_path))
+    assert fake.status == doctor.WARN and fake.detail == "backend fake (FLEET_TRANSFER_BACKEND)."
+    regular = doctor.check_transfer(cfg_of(), host(tmp_path))
+    assert regular.status == doctor.SKIP
+
+
+def test_ports_cover_what_sglang_derives_from_the_dist_init_port():
+    base = closed_port()
+    checks = doctor.check_ports(cfg_of(dist_port=base, tp_size=4, dp_size=4, attn_dp=1, http_port=closed_port()))
+    assert checks.status == doctor.OK
+    for port in (base, *range(base + 1, base + 7), base + 13):
+        assert str(port) in checks.detail
+    plain = doctor.check_ports(cfg_of(dist_port=base, http_port=closed_port()))
+    assert str(base + 1) not in plain.detail and f"dist-init (rank 0) {base}" in plain.detail
