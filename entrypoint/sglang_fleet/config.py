@@ -281,6 +281,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("router_api_key", _opt_str, None, "API key smg requires from clients (--api-key).", "s3cret"),
     Setting("router_prometheus_port", _int, 29000, "smg's own Prometheus port.", "29000"),
     Setting("router_health_interval", _int, 10, "smg's worker health-check interval in seconds.", "10"),
+    Setting("router_health_timeout", _int, 20, "Seconds smg waits for a worker's /health "
+            "(--health-check-timeout-secs; smg's default 5). SGLang's /health runs a one-token generation and "
+            "may take up to SGLANG_HEALTH_CHECK_TIMEOUT (20 s) on a busy engine before it answers.", "20"),
+    Setting("router_shutdown_grace", _int, 30, "On stop, seconds smg lets requests in flight finish "
+            "(--shutdown-grace-period-secs; smg's default 180); the agent SIGKILLs smg 5 s after that. The "
+            "router container's stop timeout must be longer.", "30"),
     Setting("router_breaker_open", _int, 5, "Seconds smg's circuit breaker keeps a failing worker closed off "
             "(--cb-timeout-duration-secs; smg's own default is 60). The agent withdraws a dead group within "
             "about 2 s, and in PD mode a dead prefill also trips the healthy decode's breaker, so a long open "
@@ -363,6 +369,8 @@ class FleetConfig:
     router_api_key: str | None = None
     router_prometheus_port: int = 29000
     router_health_interval: int = 10
+    router_health_timeout: int = 20
+    router_shutdown_grace: int = 30
     router_breaker_open: int = 5
     router_quiet_window: float = 0.5
     router_resync_interval: float = 5.0

@@ -21,7 +21,7 @@ from sglang_fleet.config import FleetConfig
 from sglang_fleet.smg_client import SmgClient
 
 READY_TIMEOUT = 60.0  # smg answers within a second or two; more means it is broken
-STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL when stopping smg
+STOP_MARGIN = 5.0  # seconds after smg's own shutdown grace (FLEET_ROUTER_SHUTDOWN_GRACE) before SIGKILL
 _SECRET_ENV = ("CONSUL_HTTP_TOKEN",)
 _LEVELS = {"TRACE": "debug", "DEBUG": "debug", "INFO": "info", "WARN": "warning", "WARNING": "warning",
            "ERROR": "error"}
@@ -47,6 +47,8 @@ def smg_argv(cfg: FleetConfig, mode: str, binary: str) -> list[str]:
     argv = [binary, "launch", "--host", cfg.router_host, "--port", str(cfg.router_port),
             "--policy", cfg.router_policy, "--prometheus-port", str(cfg.router_prometheus_port),
             "--health-check-interval-secs", str(cfg.router_health_interval),
+            "--health-check-timeout-secs", str(cfg.router_health_timeout),
+            "--shutdown-grace-period-secs", str(cfg.router_shutdown_grace),
             "--cb-timeout-duration-secs", str(cfg.router_breaker_open), "--log-json"]
     if mode == "pd":
         argv.append("--pd-disaggregation")
@@ -124,8 +126,10 @@ class SmgProcess:
         self.stop()
         raise SmgStartFailed(f"smg did not answer on {self.client.base_url} within {READY_TIMEOUT:.0f} s")
 
-    def stop(self, grace: float = STOP_GRACE) -> None:
-        """SIGTERM to smg's process group, then SIGKILL after `grace`; reaps. Idempotent."""
+    def stop(self, grace: float | None = None) -> None:
+        """SIGTERM to smg's process group, then SIGKILL after `grace` (default: smg's own shutdown grace plus
+        STOP_MARGIN, so smg finishes what is in flight first); reaps. Idempotent."""
+        grace = self.cfg.router_shutdown_grace + STOP_MARGIN if grace is None else grace
         proc, self._proc = self._proc, None
         if proc is None:
             return

@@ -20,6 +20,8 @@ def validate_config(cfg: FleetConfig, cluster_only: bool = False) -> list[str]:
         val = getattr(cfg, key)
         if not 1 <= val <= 65535:
             p.append(f"FLEET_{key.upper()}={val}: must be a port number between 1 and 65535")
+    if cfg.router_shutdown_grace < 0:
+        p.append(f"FLEET_ROUTER_SHUTDOWN_GRACE={cfg.router_shutdown_grace}: must be zero or more seconds")
     for key in ("stop_grace", "drain_timeout", "backoff_base", "backoff_max", "stable_after", "sim_startup_delay",
                 "router_quiet_window", "router_resync_interval"):
         if getattr(cfg, key) < 0:
@@ -28,7 +30,8 @@ def validate_config(cfg: FleetConfig, cluster_only: bool = False) -> list[str]:
         p.append(f"FLEET_READY_TIMEOUT={cfg.ready_timeout}: must be more than zero seconds")
     if cfg.backoff_max < cfg.backoff_base:
         p.append(f"FLEET_BACKOFF_MAX={cfg.backoff_max}: must be at least FLEET_BACKOFF_BASE={cfg.backoff_base}")
-    for key in ("start_attempts", "max_failures", "router_health_interval", "router_breaker_open"):
+    for key in ("start_attempts", "max_failures", "router_health_interval", "router_breaker_open",
+                "router_health_timeout"):
         if getattr(cfg, key) < 1:
             p.append(f"FLEET_{key.upper()}={getattr(cfg, key)}: must be at least 1")
     if cfg.advertise_addr and not _host_like(cfg.advertise_addr):

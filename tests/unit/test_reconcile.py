@@ -158,7 +158,9 @@ def test_smg_argv_pd_with_key_and_extra_args():
     text = " ".join(argv)
     for part in ("--host 127.0.0.1", "--port 8100", "--policy round_robin", "--prometheus-port 29100",
                  "--health-check-interval-secs 7", "--cb-timeout-duration-secs 4", "--pd-disaggregation",
-                 "--api-key k"):
+                 "--api-key k",
+                 # aligned with SGLang's /health (up to 20 s) and smg's own drain before the agent's SIGKILL
+                 "--health-check-timeout-secs 20", "--shutdown-grace-period-secs 30"):
         assert part in text
     assert argv[-3:] == ["--request-timeout-secs", "600", "--disable-retries"]
     assert "--pd-disaggregation" not in smg_argv(cfg, "regular", "smg")
