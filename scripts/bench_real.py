@@ -7,7 +7,7 @@ sglang-fleet (real Consul, real smg, two `sglang-fleet node` on 127.0.0.x, FLEET
   detection     kill -9 of rank 1 (supervisor + engine: the host dies), 3 s after serving -> the survivor's
                 loop names the peer that left (peer_left_s) and withdraws the registration
                 (registration_withdrawn_s), every process of its engine is gone (engines_stopped_s), the
-                router no longer routes to the group (route_withdrawn_s: not `ready` there)
+                router agent has removed the group from smg (route_withdrawn_s, from its log)
   reformation_s replacement supervisor started -> first /generate through the router answers 200
 The guide's way (the two `sglang-fleet plan` command lines, fixed --dist-init-addr, no supervisor):
   formation_s   last launch_server started -> rank 0's /health answers 200 (SGLang's warm-up done) and a
@@ -99,8 +99,9 @@ def fleet_run(agent: H.ConsulAgent, env: dict[str, str], work: Path, run: int) -
         t_kill = time.time()
         second.kill9(with_engine=True)
         stopped = until(lambda: not any(process_alive(p) for p in engine0), "the survivor's engine to stop", 120)
-        withdrawn = until(lambda: not any(w["url"] == first.http_url and w.get("status") == "ready"
-                                          for w in router.workers()), "the router to stop routing to the group", 120)
+        # The agent's DELETE /workers: smg stops routing to a deleted worker at once (docs/smg-notes.md).
+        withdrawn = ts(wait_until(lambda: router.events(f"removed regular {first.http_url}"), 120,
+                                  "the router agent to remove the group")[-1])
         left = ts(first.wait_for("peer tp-b (rank 1) left", timeout=60))
         deregistered = ts(first.wait_for("withdrew serving registration", timeout=60))
         t_rep = time.time()

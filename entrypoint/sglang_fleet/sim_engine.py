@@ -86,6 +86,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disaggregation-mode", default="null")
     p.add_argument("--disaggregation-bootstrap-port", type=int, default=8998)
     p.add_argument("--disaggregation-transfer-backend", default="mooncake")
+    p.add_argument("--enable-metrics", action="store_true")
     p.add_argument("--sim-startup-delay", type=float, default=None)
     return p
 
@@ -106,6 +107,7 @@ class SimArgs:
     disaggregation_mode: str
     bootstrap_port: int
     transfer_backend: str
+    enable_metrics: bool
     startup_delay: float
     token_delay: float
     join_timeout: float
@@ -158,7 +160,7 @@ def parse_args(argv: list[str], env: dict | None = None) -> SimArgs:
         dist_init_addr=ns.dist_init_addr, tp_size=ns.tp_size, dp_size=ns.dp_size, pp_size=ns.pp_size,
         context_length=ns.context_length or 4096, disaggregation_mode=ns.disaggregation_mode,
         bootstrap_port=ns.disaggregation_bootstrap_port, transfer_backend=ns.disaggregation_transfer_backend,
-        startup_delay=delay, token_delay=_env_float(env, ENV_TOKEN_DELAY, 0.0),
+        enable_metrics=ns.enable_metrics, startup_delay=delay, token_delay=_env_float(env, ENV_TOKEN_DELAY, 0.0),
         join_timeout=_env_float(env, ENV_JOIN_TIMEOUT, join_default), ignored=ignored)
 
 

@@ -106,7 +106,8 @@ def loads(engine, srv, query: str) -> dict:
 
 
 def model_info(a) -> dict:
-    return {"model_path": a.model_path, "tokenizer_path": a.model_path, "is_generation": True,
+    return {"model_path": a.model_path, "tokenizer_path": a.model_path, "served_model_name": a.served_model_name,
+            "disaggregation_mode": a.disaggregation_mode, "is_generation": True,
             "preferred_sampling_params": None, "weight_version": "default", "has_image_understanding": False,
             "has_audio_understanding": False, "model_type": "sim", "architectures": ["SimEngine"], "sim": True}
 
@@ -164,12 +165,27 @@ class _Base(BaseHTTPRequestHandler):
                               "error": {"message": message, "type": kind, "code": code}, "sim": True})
 
 
+def metrics_text(server, kv_transfers: int = 0) -> bytes:
+    return (f"# sglang-fleet sim engine, not a model\nsglang:num_running_reqs {server.inflight}\n"
+            f"sglang:num_queue_reqs 0\nsglang_fleet_sim_requests_total {server.requests}\n"
+            f"sglang_fleet_sim_kv_transfers_total {kv_transfers}\n").encode()
+
+
 class DummyHealthHandler(_Base):
+    """SGLang 0.5.23's dummy health server of ranks > 0 (srt/utils/common.py:3624): /health,
+    /health_generate and /ping answer 200, /metrics only with --enable-metrics, the rest 404."""
+
     def do_GET(self):
-        if self.path.split("?")[0] in ("/health", "/health_generate"):
+        path = self.path.split("?")[0]
+        if path in ("/health", "/health_generate", "/ping"):
             self.send_body(200, b"", "text/plain")
+        elif path == "/metrics" and self.server.engine.args.enable_metrics:
+            self.send_body(200, metrics_text(self.server), "text/plain; version=0.0.4")
         else:
             self.send_error_json(404, f"{self.path}: ranks > 0 serve only /health (sim engine)")
+
+    def do_POST(self):
+        self.send_error_json(404, f"{self.path}: ranks > 0 serve only /health (sim engine)")
 
 
 class EngineHandler(_Base):
@@ -197,12 +213,10 @@ class EngineHandler(_Base):
         elif path == "/get_load":
             self.send_json(200, [{"dp_rank": 0, "num_reqs": self.server.inflight, "num_waiting_reqs": 0,
                                   "num_tokens": 0, "sim": True}])
-        elif path == "/metrics":
-            kv = e.kv.transfers if e.kv else 0
-            text = (f"# sglang-fleet sim engine, not a model\nsglang:num_running_reqs {self.server.inflight}\n"
-                    f"sglang:num_queue_reqs 0\nsglang_fleet_sim_requests_total {self.server.requests}\n"
-                    f"sglang_fleet_sim_kv_transfers_total {kv}\n")
-            self.send_body(200, text.encode(), "text/plain; version=0.0.4")
+        elif path == "/metrics" and e.args.enable_metrics:  # SGLang serves it only with --enable-metrics
+            self.send_body(200, metrics_text(self.server, e.kv.transfers if e.kv else 0), "text/plain; version=0.0.4")
+        elif path == "/flush_cache":  # SGLang 0.5.23 takes GET and POST
+            self.send_body(200, b"sim engine: nothing cached", "text/plain")
         else:
             self.send_error_json(404, f"{path}: not served by the sim engine")
 

@@ -231,6 +231,48 @@ def test_two_node_group_serves_from_rank0_and_matches_one_node(two, one, consul_
     assert body["text"] == ref["text"] and body["meta_info"]["completion_tokens"] == 12
 
 
+# The sim engine is the stand-in where the real one cannot run (PD): it must answer as the real one does.
+RANK0_REQUESTS = [("GET", "/health"), ("GET", "/health_generate"), ("GET", "/v1/models"), ("GET", "/model_info"),
+                  ("GET", "/get_model_info"), ("GET", "/server_info"), ("GET", "/get_server_info"),
+                  ("GET", "/v1/loads"), ("GET", "/metrics"), ("GET", "/flush_cache"), ("POST", "/flush_cache"),
+                  ("GET", "/no-such-path"), ("POST", "/generate"), ("POST", "/v1/chat/completions")]
+RANK1_REQUESTS = [("GET", "/health"), ("GET", "/health_generate"), ("GET", "/ping"), ("GET", "/metrics"),
+                  ("GET", "/v1/models"), ("GET", "/model_info"), ("POST", "/generate")]
+
+
+def answers_to(url: str, requests: list[tuple[str, str]], model: str) -> dict[str, int]:
+    bodies = {"/generate": {"text": "hi", "sampling_params": {"max_new_tokens": 2}},
+              "/v1/chat/completions": {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                                       "max_tokens": 2}}
+    return {f"{m} {path}": http(m, url + path, bodies.get(path) if m == "POST" else None, timeout=30)[0]
+            for m, path in requests}
+
+
+def test_the_sim_answers_like_the_real_engine(one, two, consul_agent, consul_api, tmp_path):
+    from fleet_processes import SIM_ENV
+
+    real0, real1 = one[0].members[0], by_rank(consul_api, two)[1]
+    model = real0.env["FLEET_MODEL_PATH"]
+    sims = Supervisors(consul_agent, "sim-twin", tmp_path, {**SIM_ENV, "FLEET_MODEL_PATH": model})
+    try:
+        sims.start("twin-a", **member_env(0))
+        sims.start("twin-b", **member_env(1))
+        wait_until(lambda: serving(consul_api, "sim-twin", "tp"), 60, "the sim group to serve")
+        sim_ranks = by_rank(consul_api, Cluster("sim-twin", sims, two.router))
+        assert engine_output(sim_ranks[0], "sim engine")  # it says what it is
+        assert answers_to(sim_ranks[0].http_url, RANK0_REQUESTS, model) == answers_to(real0.http_url, RANK0_REQUESTS,
+                                                                                       model)
+        assert answers_to(sim_ranks[1].http_url, RANK1_REQUESTS, model) == answers_to(real1.http_url, RANK1_REQUESTS,
+                                                                                       model)
+        real_info = http("GET", real0.http_url + "/model_info")[1]
+        sim_info = http("GET", sim_ranks[0].http_url + "/model_info")[1]
+        for key in ("model_path", "served_model_name", "disaggregation_mode", "is_generation"):
+            assert key in real_info and key in sim_info, key
+            assert sim_info[key] == real_info[key], (key, sim_info[key], real_info[key])
+    finally:
+        sims.cleanup()
+
+
 def test_kill9_of_rank1_stops_rank0_withdraws_and_a_replacement_serves(two, consul_api):
     ranks = by_rank(consul_api, two)
     rank0, rank1 = ranks[0], ranks[1]
