@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from fleet_testing import FLEET_BIN, wait_until
+from fleet_testing import FLEET_BIN, process_alive as alive, wait_until
 from sglang_fleet import rendezvous as rdv
 
 pytestmark = pytest.mark.integration
@@ -135,14 +135,6 @@ def test_fixed_ranks_and_rank0_preference(supervisors, consul_api, cluster_name)
     assert ready(pref)[0] == 0 and ready(plain)[0] == 1
     view = group_view(consul_api, cluster_name, "fixed")
     assert {r: m.node for r, m in view.members.items()} == {0: "fx-b", 1: "fx-c", 2: "fx-a"}
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("victim", ["rank1", "rank0", "engine", "rank1-supervisor-only"])

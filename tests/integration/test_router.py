@@ -17,9 +17,6 @@ import os
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 

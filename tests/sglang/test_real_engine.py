@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from fleet_processes import ROOT, Router, Supervisor, Supervisors, http, real_env
+from fleet_processes import Router, Supervisor, Supervisors, http, real_env
 from fleet_testing import FLEET_BIN, descendants, kill_quietly, process_alive as alive, wait_until
 from sglang_fleet import rendezvous as rdv
 

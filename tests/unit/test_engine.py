@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from fleet_testing import wait_until
+from fleet_testing import process_alive as alive, wait_until
 from sglang_fleet.config import FleetConfig
 from sglang_fleet.engine import Engine, EngineState
 
@@ -128,14 +128,6 @@ def new_engine(port: int, engines):
         engines.append(engine)
         return engine
     return make
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:].split()[0] not in (b"Z", b"X")
 
 
 def wait_ready(engine: Engine, deadline: float | None = None) -> EngineState:
