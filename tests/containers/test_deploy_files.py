@@ -16,6 +16,7 @@ from containers_support import FLEET_IMAGE, ROOT
 COMPOSE_FILES = sorted((ROOT / "compose").glob("*.yml"))
 GPU_COMPOSE_FILES = [f for f in COMPOSE_FILES if f.name.startswith("gpu-")]
 SCRIPTS = [ROOT / "scripts" / "images", ROOT / "scripts" / "demo", ROOT / "scripts" / "lib.sh",
+           ROOT / "scripts" / "install-sglang-cpu", ROOT / "scripts" / "install-sglang-parser",
            ROOT / "entrypoint" / "docker-entrypoint.sh", ROOT / "compose" / "slurm" / "sglang-fleet.sbatch"]
 BIN = Path(sys.executable).parent
 
