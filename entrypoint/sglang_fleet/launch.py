@@ -178,7 +178,7 @@ def engine_env(cfg: FleetConfig, advertise_addr: str, parent_env: Mapping[str, s
     if cfg.role in ("prefill", "decode") and advertise_addr:
         # Every prefill/decode TP rank binds its KV side channel (ZMQ) on get_local_ip_auto(): SGLANG_HOST_IP,
         # HOST_IP, else the interface routing to 8.8.8.8 (srt/utils/network.py), often a management network.
-        if "HOST_IP" in env and "SGLANG_HOST_IP" not in env:
+        if env.get("HOST_IP") and not env.get("SGLANG_HOST_IP"):  # SGLang skips empty values
             notes.append(f"HOST_IP={env['HOST_IP']} from the environment wins over SGLANG_HOST_IP={advertise_addr} "
                          f"(PD side channel)")
         else:
