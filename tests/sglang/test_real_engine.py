@@ -273,15 +273,18 @@ def test_the_sim_answers_like_the_real_engine(one, two, consul_agent, consul_api
         sims.cleanup()
 
 
-def test_kill9_of_rank1_stops_rank0_withdraws_and_a_replacement_serves(two, consul_api):
+def test_kill9_of_rank1_supervisor_kills_its_engine_stops_rank0_withdraws_and_a_replacement_serves(
+        two, consul_api):
     ranks = by_rank(consul_api, two)
     rank0, rank1 = ranks[0], ranks[1]
     g = view(consul_api, "two", "tp").generation
     old_engine = descendants(rank0.proc.pid)
     assert old_engine
     mark0 = rank0.mark()
-    rank1.kill9(with_engine=True)  # the host dies: supervisor and engine
+    rank1.kill9(with_engine=False)  # the supervisor only: its engine must die with it (PR_SET_PDEATHSIG)
+    assert rank1.descendants, "rank 1's engine processes were not seen before the kill"
 
+    wait_until(lambda: not any(alive(p) for p in rank1.descendants), 30, "rank 1's engine to die with its supervisor")
     wait_until(lambda: not any(alive(p) for p in old_engine), 60, "rank 0's engine (every process) to stop")
     assert not descendants(rank0.proc.pid)
     assert not serving(consul_api, "two", "tp")
