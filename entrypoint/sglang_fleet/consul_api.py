@@ -10,7 +10,7 @@ rest of the appliance reasons about (Patroni `dcs/consul.py` `catch_consul_error
   state in a restart), or a session we write with was invalidated; the caller re-registers or rejoins.
 
 Values are bytes in and out of KV; helpers below encode JSON. Blocking queries return `(index, data)`
-with the index already sanitised as PROTOCOL.md asks (reset to 0 when it goes backwards).
+with the index already sanitised as docs/protocol.md asks (reset to 0 when it goes backwards).
 """
 from __future__ import annotations
 

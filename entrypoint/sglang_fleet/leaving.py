@@ -3,7 +3,7 @@ drain that comes first when the engine is still healthy. Mixed into node.Node: t
 same loop (one action each, a sentence each) and use its state (cfg, api, rdv, heartbeat, generation,
 rank, assignment, engine, serving, session, ...); node.py holds the loop and the way into a generation.
 
-Drain (docs/protocol-notes.md): on SIGTERM/SIGINT, rank 0 withdraws its serving registration and steps a
+Drain (docs/protocol.md): on SIGTERM/SIGINT, rank 0 withdraws its serving registration and steps a
 drain.Drain while it keeps its session and rank key, so its peers (whose engines serve the same requests)
 notice nothing; the engine is stopped only when nothing is in flight or FLEET_DRAIN_TIMEOUT has passed.
 A member > 0 cannot withdraw rank 0's registration: it writes K/g<G>/draining and waits (at most

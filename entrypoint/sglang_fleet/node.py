@@ -9,7 +9,7 @@ the group's keys and wakes the loop (watch.py), the engine's threads pump output
 (the main thread): its PR_SET_PDEATHSIG is bound to the thread that forked it.
 
 The ways out (ending a generation, graceful stop with its drain, shutdown) are in leaving.py; a graceful
-stop lets the requests in flight finish before any engine of the group stops (docs/protocol-notes.md).
+stop lets the requests in flight finish before any engine of the group stops (docs/protocol.md).
 
 Failures: only this node's own engine failing spends its restart budget; a peer leaving or a generation
 ended by somebody else does not. Consul errors are retried with backoff and never read as a peer leaving;

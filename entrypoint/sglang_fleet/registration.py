@@ -5,7 +5,7 @@
   session is bound to that check, so a dead supervisor loses its rank within the TTL (3 s).
 - Serving: service `sglang`, ID `sglang-<cluster>-<group>`, registered by rank 0 only after the barrier
   and engine readiness, with an HTTP /health check and a TTL check the heartbeat thread also passes
-  (a dead supervisor withdraws it within 3 s). PROTOCOL.md "Serving registration".
+  (a dead supervisor withdraws it within 3 s). docs/protocol.md "Serving registration".
 
 The heartbeat thread decides nothing: it passes checks and re-registers its own service when the agent
 lost it (a restarted agent), and records what happened for the node loop to read.
@@ -52,7 +52,7 @@ def register_member(api: ca.ConsulAPI, cfg: FleetConfig, addr: str) -> None:
 
 
 def serving_definition(cfg: FleetConfig, addr: str, generation: int) -> dict:
-    """Arguments for ConsulAPI.register_service, exactly as PROTOCOL.md describes the serving service."""
+    """Arguments for ConsulAPI.register_service, exactly as docs/protocol.md describes the serving service."""
     group = cfg.group or cfg.node_name
     sid = serving_id(cfg)
     meta = {"cluster": cfg.cluster, "group": group, "generation": str(generation), "role": cfg.role,

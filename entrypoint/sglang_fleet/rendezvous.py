@@ -1,4 +1,4 @@
-"""Group rendezvous (PROTOCOL.md): generations, rank claims, the leader key, the barrier, fingerprints.
+"""Group rendezvous (docs/protocol.md): generations, rank claims, the leader key, the barrier, fingerprints.
 
 Backend-free protocol logic over a small KV/session interface (`Store`; `consul_api.ConsulAPI` is the
 real one). Reading is separated from deciding: `read()` turns the KV tree of one group into an immutable
@@ -13,7 +13,7 @@ Keys, K = sglang-fleet/<cluster>/groups/<group>:
   K/g<G>/ended        {"reason", "by", "at", "cause"}, written in the txn that moves gen to G+1
   K/g<G>/draining     {"by", "rank", "at"}: a member > 0 is stopping gracefully and asks rank 0 to drain
   K/g<G>/drained      {"by", "at", "how"}: rank 0 has withdrawn its registration and drained (the asker goes on)
-Both drain keys are written in a txn that checks gen is still G (docs/protocol-notes.md).
+Both drain keys are written in a txn that checks gen is still G (docs/protocol.md).
 """
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ class RouterAgent:
                                           wait=WATCH_WAIT)
             except ConsulError:
                 # A restarted or re-elected Consul may be behind our index: asking with it would block a
-                # whole wait for nothing (PROTOCOL.md "Blocking queries"). Ask afresh.
+                # whole wait for nothing (docs/protocol.md "Blocking queries"). Ask afresh.
                 index = 0
                 raise
 

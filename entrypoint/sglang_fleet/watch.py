@@ -1,7 +1,7 @@
 """The node loop's helpers that only observe Consul: the blocking-query watcher and the retry backoff.
 
 The watcher holds a blocking query on one group's keys and wakes the loop on every change; it decides
-nothing (PROTOCOL.md "Blocking queries": compare data, not indexes; reset the index after an error).
+nothing (docs/protocol.md "Blocking queries": compare data, not indexes; reset the index after an error).
 """
 from __future__ import annotations
 

@@ -174,7 +174,7 @@ def test_smg_env_drops_our_settings_and_secrets():
 
 # ---- the Consul watch --------------------------------------------------------------------------------
 def test_watch_asks_afresh_after_a_consul_error():
-    """A failed blocking query is retried with index 0, not the old index (PROTOCOL.md "Blocking queries")."""
+    """A failed blocking query is retried with index 0, not the old index (docs/protocol.md "Blocking queries")."""
     cfg = load_config({"FLEET_ROLE": "router", "FLEET_BACKOFF_BASE": "0"})
     sent: list[int] = []
 
