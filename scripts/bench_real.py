@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the harness of the real-engine tier
 import fleet_processes as H  # noqa: E402
 from fleet_testing import FLEET_BIN, descendants, emit_json, free_port, process_alive, wait_until  # noqa: E402
-from sglang_fleet.process_group import group_alive  # noqa: E402
+from sglang_fleet.process_group import group_alive, group_pids, remove_files, shm_files_of  # noqa: E402
 
 WAIT = 300.0
 SETTLE = 3.0  # seconds of steady serving before the kill
@@ -132,6 +132,7 @@ def by_hand_run(env: dict[str, str], work: Path, run: int) -> dict:
     ports = [free_port(a) for a in addrs]
     dist_init = f"{addrs[0]}:{free_port(addrs[0])}"
     procs: list[subprocess.Popen] = []
+    shm: set[str] = set()
     try:
         for rank in (0, 1):
             node_env = {**base, **env, **member_env(rank), "FLEET_NODE_NAME": f"hand-{rank}",
@@ -146,6 +147,8 @@ def by_hand_run(env: dict[str, str], work: Path, run: int) -> dict:
         url0 = f"http://127.0.0.1:{ports[0]}"
         formed = until(lambda: warmed_up(url0), "rank 0 started by hand to serve")
         time.sleep(SETTLE)
+        for p in procs:  # SGLang leaves its /dev/shm files behind when killed: note them to clean up after
+            shm |= shm_files_of(group_pids(p.pid))
         t_kill = time.time()
         os.killpg(procs[1].pid, signal.SIGKILL)
         http_gone = proc_gone = None
@@ -168,6 +171,7 @@ def by_hand_run(env: dict[str, str], work: Path, run: int) -> dict:
             except ProcessLookupError:
                 pass
             p.wait(timeout=10)
+        remove_files(shm)
 
 
 def median(values: list[float]) -> dict:

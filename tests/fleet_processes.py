@@ -39,6 +39,7 @@ import pytest
 from fleet_testing import FLEET_BIN, descendants, free_port, kill_quietly, wait_until
 from sglang_fleet.config import ConsulSettings
 from sglang_fleet.consul_api import ConsulAPI, ConsulError
+from sglang_fleet.process_group import remove_files, shm_files_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,6 +181,7 @@ class Supervisor:
     log_path: Path
     proc: subprocess.Popen
     descendants: set[int] = field(default_factory=set)
+    shm: set[str] = field(default_factory=set)
 
     @property
     def addr(self) -> str:
@@ -244,6 +246,7 @@ class Supervisor:
 
     def _snapshot_descendants(self) -> None:
         self.descendants |= descendants(self.proc.pid)
+        self.shm |= shm_files_of(list(self.descendants))  # the real engine's /dev/shm files, cleaned at the end
 
     def kill9(self, with_engine: bool = True) -> None:
         """kill -9 of the supervisor; with_engine also kills its engine (a host or container dying)."""
@@ -279,6 +282,7 @@ class Supervisor:
                 pass
         for pid in self.descendants:
             kill_quietly(pid, signal.SIGKILL)
+        remove_files(self.shm)  # what SIGKILLed engines cannot unlink themselves
 
 
 class Supervisors:

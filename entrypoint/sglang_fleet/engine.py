@@ -51,6 +51,8 @@ PROBE_TIMEOUT = 20.0  # SGLang's /health generates one token; a busy server may 
 HEALTH_INTERVAL = 5.0  # seconds between /health probes while RUNNING (rank 0)
 HEALTH_FAILURES = 3  # consecutive failed probes that make a running engine UNHEALTHY
 KILL_WAIT = 5.0  # seconds to wait for the group to vanish after SIGKILL
+SHM_EVERY_STARTING = 2.0  # seconds between looks at the engine's /dev/shm files while it starts
+SHM_EVERY_RUNNING = 30.0  # and while it runs (SGLang creates them while it starts)
 
 # No proxy: the probe always goes to this host's own engine.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -83,6 +85,8 @@ class _Run:
     failures: int = 0  # consecutive failed probes after ready
     last_error: str = "no probe yet"
     threads: list[threading.Thread] = field(default_factory=list)
+    shm: set[str] = field(default_factory=set)  # /dev/shm files the engine's processes mapped or opened
+    shm_seen_at: float = 0.0
 
 
 def probe(url: str, timeout: float) -> str | None:
@@ -172,14 +176,18 @@ class Engine:
         return self._change(EngineState.STARTING, f"engine started pid {proc.pid}", pid=proc.pid)
 
     def _probe_loop(self, run: _Run) -> None:
-        """Helper thread: records probe results in `run`; poll() decides what they mean."""
+        """Helper thread: records probe results in `run`; poll() decides what they mean. Also notes the
+        engine's /dev/shm files, which SGLang leaves behind whenever it is killed (stop() removes them)."""
         while not run.done.is_set() and run.proc.poll() is None:
+            self._note_shm(run, SHM_EVERY_STARTING if run.ready_at is None else SHM_EVERY_RUNNING)
+            if run.ready_at is not None and self.rank != 0:
+                run.done.wait(self.health_interval)  # the dummy health server of ranks > 0 always says 200;
+                continue  # poll() watches the process
             error = probe(self.health_url, self.probe_timeout)
             if run.ready_at is None:
                 if error is None:
                     run.ready_at = time.monotonic()
-                    if self.rank != 0:
-                        return  # the dummy health server of ranks > 0 always says 200; poll() watches the process
+                    self._note_shm(run, 0.0)  # SGLang has created its shared memory by now
                 else:
                     run.last_error = error
                 interval = self.probe_interval if run.ready_at is None else self.health_interval
@@ -188,6 +196,18 @@ class Engine:
                 run.last_error = error or run.last_error
                 interval = self.health_interval
             run.done.wait(interval)
+
+    @staticmethod
+    def _note_shm(run: _Run, every: float) -> None:
+        now = time.monotonic()
+        if now - run.shm_seen_at >= every:
+            run.shm_seen_at = now
+            run.shm = run.shm | pg.shm_files_of(pg.group_pids(run.pgid))  # rebound, never mutated: two threads
+
+    @property
+    def shm_files(self) -> set[str]:
+        """The engine's /dev/shm files seen so far (for tests and logs)."""
+        return set(self._run.shm) if self._run else set()
 
     # -- the transitions ---------------------------------------------------------------------
 
@@ -232,6 +252,7 @@ class Engine:
         self._change(EngineState.STOPPING, f"stopping engine pid {run.proc.pid}: SIGTERM to {target}, "
                      f"{grace:g} s grace")
         began = time.monotonic()
+        self._note_shm(run, 0.0)  # last look while its processes are there
         if not whole_group and run.proc.poll() is None:
             run.proc.send_signal(signal.SIGTERM)
             _wait_exit(run.proc, began + grace)
@@ -245,6 +266,11 @@ class Engine:
                 how += f"; process group {run.pgid} still has live members"
         self.returncode = run.proc.wait()
         self._release()
+        # SGLang unlinks its shared memory only on paths a SIGKILL skips (its own kill_process_tree, PDEATHSIG):
+        # on CPU each start leaves a 258 MB all-reduce buffer, and restarts would fill /dev/shm (docs/engine.md).
+        removed, freed = pg.remove_files(set(run.shm))
+        if removed:
+            how += f"; removed {removed} file(s) it left in /dev/shm ({freed / (1 << 20):.0f} MiB)"
         return self._change(EngineState.STOPPED, f"engine stopped {how} in {time.monotonic() - began:.1f} s "
                             f"(exit code {self.returncode})", returncode=self.returncode)
 

@@ -263,8 +263,10 @@ class Node(Leaving):
             return "the group's keys are gone"
         if self.heartbeat.re_registrations != self.joined_reregistrations:
             return "the agent forgot our heartbeat check: restarted?"
-        if view.generation == self.generation and view.gen_index < self.joined_gen_index:
-            return "the generation key is older than the one joined"
+        # K/gen changes only by CAS to G+1: the same G under another ModifyIndex was created anew (an
+        # emptied Consul, re-filled by a peer that noticed first).
+        if view.generation == self.generation and view.gen_index != self.joined_gen_index:
+            return "the generation key was created anew since it was joined"
         return None
 
     def _barrier(self, view: rdv.GroupView) -> str:

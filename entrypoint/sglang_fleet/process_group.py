@@ -4,6 +4,7 @@ reparented to a PID 1 that does not reap are not alive)."""
 from __future__ import annotations
 
 import ctypes
+import glob
 import os
 import signal
 import subprocess
@@ -103,5 +104,53 @@ def reap_orphans(pgid: int) -> None:
             return
 
 
-__all__ = ["die_with_parent_thread", "group_alive", "proc_stats", "reap_orphans", "signal_group",
+SHM_DIR = "/dev/shm"
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of the group."""
+    try:
+        return [pid for pid, fields in proc_stats()
+                if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X")]
+    except OSError:
+        return []
+
+
+def shm_files_of(pids: list[int], shm_dir: str = SHM_DIR) -> set[str]:
+    """Files in `shm_dir` these processes have mapped or open, plus Intel OpenMP's per-pid registration
+    files: what they created there. Only these are theirs to clean up, since /dev/shm may be the host's
+    (docker run --ipc host) and hold other engines' files."""
+    prefix = shm_dir.rstrip("/") + "/"
+    found: set[str] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps", "rb") as f:
+                for line in f:
+                    path = line.rstrip(b"\n").split(b" ", 5)[-1].strip().decode(errors="replace")
+                    if path.startswith(prefix):
+                        found.add(path.removesuffix(" (deleted)"))
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith(prefix):
+                    found.add(target.removesuffix(" (deleted)"))
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        found.update(glob.glob(f"{prefix}__KMP_REGISTERED_LIB_{pid}_*"))
+    return found
+
+
+def remove_files(paths: set[str]) -> tuple[int, int]:
+    """Unlinks what still exists; (files removed, bytes freed)."""
+    count = size = 0
+    for path in paths:
+        try:
+            st = os.stat(path)
+            os.unlink(path)
+        except OSError:
+            continue
+        count, size = count + 1, size + st.st_size
+    return count, size
+
+
+__all__ = ["die_with_parent_thread", "group_pids", "remove_files", "shm_files_of", "group_alive", "proc_stats", "reap_orphans", "signal_group",
            "wait_group_gone"]

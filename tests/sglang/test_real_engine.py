@@ -9,6 +9,7 @@ The engine-failing-at-start test has a group of its own.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 from fleet_processes import Router, Supervisor, Supervisors, http, real_env
 from fleet_testing import FLEET_BIN, descendants, kill_quietly, process_alive as alive, wait_until
 from sglang_fleet import rendezvous as rdv
+from sglang_fleet.process_group import shm_files_of
 
 pytestmark = pytest.mark.sglang
 
@@ -127,7 +129,9 @@ def two(consul_agent, real_settings, tmp_path_factory) -> Iterator[Cluster]:
     api = consul_agent.api()
     try:
         c.members = [c.sups.start("tp-a", **member_env(0)), c.sups.start("tp-b", **member_env(1))]
-        c.wait_serving(api, "tp", c.members[0].http_url)
+        # tp-a prefers rank 0, but a generation that ends while the group forms re-claims the ranks afresh.
+        wait_until(lambda: serving(api, "two", "tp"), READY, "group tp to register as serving")
+        c.wait_serving(api, "tp", by_rank(api, c)[0].http_url)
         yield c
     finally:
         c.router.kill()
@@ -307,6 +311,10 @@ def test_kill9_of_rank1_engine_only_restarts_the_group_together(two, consul_api)
     g = view(consul_api, "two", "tp").generation
     marks = {s.name: s.mark() for s in (rank0, rank1)}
     old0 = engine_pid(rank0)
+    # SGLang on CPU maps a /dev/shm all-reduce buffer per engine and never unlinks it when it is killed.
+    old_shm = {path: os.stat(path).st_ino for sup in (rank0, rank1)
+               for path in shm_files_of(list(descendants(sup.proc.pid)))}
+    assert any("deepspeed_allreduce_buffer" in path for path in old_shm), old_shm
     kill_quietly(engine_pid(rank1), signal.SIGKILL)  # launch_server only; the supervisor lives
 
     rank1.wait_for(re.compile(r"engine exited with code -9"), timeout=30, since=marks["tp-b"])
@@ -322,6 +330,10 @@ def test_kill9_of_rank1_engine_only_restarts_the_group_together(two, consul_api)
     assert generate(two.router.url)[0] == 200
     ended = view(consul_api, "two", "tp").ended[g]
     assert ended["by"] == "tp-b" and "exited with code -9" in ended["reason"]
+    # Both supervisors removed what their stopped engines left in /dev/shm (a new engine may use a name again).
+    left = [path for path, ino in old_shm.items() if os.path.exists(path) and os.stat(path).st_ino == ino]
+    assert left == []
+    assert rank1.events(re.compile(r"engine stopped .*removed \d+ file\(s\) it left in /dev/shm"), since=marks["tp-b"])
 
 
 class Load:

@@ -32,6 +32,7 @@ FAKE_ENGINE = textwrap.dedent('''
     ap.add_argument("--fail-first", type=int, default=0)  # exit 1 on the first N starts
     ap.add_argument("--grandchild-file")  # spawn a sleeping grandchild, write its pid here
     ap.add_argument("--ignore-term-file") # ignore SIGTERM, then create this file
+    ap.add_argument("--shm-file")         # create and map a /dev/shm file, as SGLang's CPU all-reduce does
     ap.add_argument("--graceful-file")    # like SGLang's rank 0: on SIGTERM note whether the grandchild
                                           # still lives, stop it, exit 0
     a = ap.parse_args()
@@ -40,6 +41,12 @@ FAKE_ENGINE = textwrap.dedent('''
         with open(a.count_file, "a") as f:
             f.write("start\\n")
         starts = len(open(a.count_file).read().split())
+    if a.shm_file:
+        import mmap
+        fd = os.open(a.shm_file, os.O_CREAT | os.O_RDWR, 0o600)
+        os.ftruncate(fd, 4096)
+        shm_map = mmap.mmap(fd, 4096)
+        os.close(fd)
     print("hello stdout", flush=True)
     print("hello stderr", file=sys.stderr, flush=True)
     if a.exit_code is not None:
@@ -233,6 +240,27 @@ def test_rank1_stop_signals_the_whole_group(new_engine, fake, tmp_path):
     assert "SIGTERM to its process group" in engine.history[-2][1]
     assert "with SIGKILL after 1 s grace" in sentence
     assert not alive(grandchild)
+
+
+def test_shm_files_the_engine_left_are_removed_after_it_was_killed(new_engine, fake, tmp_path):
+    """SGLang on CPU maps a 258 MB /dev/shm all-reduce buffer per start and never unlinks it when killed."""
+    shm = Path("/dev/shm") / f"sglang-fleet-test-{os.getpid()}-{tmp_path.name}"
+    other = Path("/dev/shm") / f"sglang-fleet-test-other-{os.getpid()}-{tmp_path.name}"
+    other.write_bytes(b"not the engine's")
+    try:
+        engine = new_engine()
+        engine.start(fake("--serve", "--shm-file", str(shm)))
+        eventually(lambda: engine.poll() is EngineState.RUNNING)
+        eventually(lambda: str(shm) in engine.shm_files, timeout=10)
+        os.kill(engine.pid, signal.SIGKILL)  # a crash: nothing of the engine unlinks anything
+        eventually(lambda: engine.poll() is EngineState.EXITED)
+        assert shm.exists()
+        sentence = engine.stop()
+        assert "removed 1 file(s) it left in /dev/shm" in sentence
+        assert not shm.exists() and other.exists()  # another engine's file on a shared /dev/shm stays
+    finally:
+        for p in (shm, other):
+            p.unlink(missing_ok=True)
 
 
 def test_stop_sends_sigkill_after_grace_to_an_engine_ignoring_sigterm(new_engine, fake, tmp_path):
