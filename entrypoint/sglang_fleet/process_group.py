@@ -127,12 +127,12 @@ def shm_files_of(pids: list[int], shm_dir: str = SHM_DIR) -> set[str]:
             with open(f"/proc/{pid}/maps", "rb") as f:
                 for line in f:
                     path = line.rstrip(b"\n").split(b" ", 5)[-1].strip().decode(errors="replace")
-                    if path.startswith(prefix):
-                        found.add(path.removesuffix(" (deleted)"))
+                    if path.startswith(prefix) and not path.endswith(" (deleted)"):  # unlinked already
+                        found.add(path)
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith(prefix):
-                    found.add(target.removesuffix(" (deleted)"))
+                if target.startswith(prefix) and not target.endswith(" (deleted)"):
+                    found.add(target)
         except OSError:
             continue  # gone meanwhile, or not ours to read
         found.update(glob.glob(f"{prefix}__KMP_REGISTERED_LIB_{pid}_*"))

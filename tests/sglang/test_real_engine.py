@@ -214,7 +214,8 @@ def test_plan_and_doctor_agree_with_what_ran(one):
 # ---- two nodes -------------------------------------------------------------------------------------------
 def test_two_node_group_serves_from_rank0_and_matches_one_node(two, one, consul_api):
     ranks = by_rank(consul_api, two)
-    assert [ranks[0].name, ranks[1].name] == ["tp-a", "tp-b"]
+    # Claimed in Consul: tp-a prefers rank 0, but whoever claims first may hold it.
+    assert sorted(s.name for s in ranks.values()) == ["tp-a", "tp-b"] and set(ranks) == {0, 1}
     rank0, rank1 = ranks[0], ranks[1]
     for sup, rank in ((rank0, 0), (rank1, 1)):
         argv = Path(f"/proc/{engine_pid(sup)}/cmdline").read_bytes().decode().split("\0")
@@ -290,7 +291,7 @@ def test_kill9_of_rank1_supervisor_kills_its_engine_stops_rank0_withdraws_and_a_
 
     wait_until(lambda: not any(alive(p) for p in rank1.descendants), 30, "rank 1's engine to die with its supervisor")
     wait_until(lambda: not any(alive(p) for p in old_engine), 60, "rank 0's engine (every process) to stop")
-    assert not descendants(rank0.proc.pid)
+    assert not [p for p in descendants(rank0.proc.pid) if alive(p)]  # (a zombie waits for its reaping)
     assert not serving(consul_api, "two", "tp")
     two.router.wait_workers(lambda ws: rank0.http_url not in {w["url"] for w in ws}, "the router to drop the group")
     rank0.wait_for(f"peer tp-b (rank 1) left; ending generation {g}", since=mark0)
@@ -313,7 +314,7 @@ def test_kill9_of_rank1_engine_only_restarts_the_group_together(two, consul_api)
     old0 = engine_pid(rank0)
     # SGLang on CPU maps a /dev/shm all-reduce buffer per engine and never unlinks it when it is killed.
     old_shm = {path: os.stat(path).st_ino for sup in (rank0, rank1)
-               for path in shm_files_of(list(descendants(sup.proc.pid)))}
+               for path in shm_files_of(list(descendants(sup.proc.pid))) if os.path.exists(path)}
     assert any("deepspeed_allreduce_buffer" in path for path in old_shm), old_shm
     kill_quietly(engine_pid(rank1), signal.SIGKILL)  # launch_server only; the supervisor lives
 
