@@ -58,17 +58,17 @@ FAKE_ENGINE = textwrap.dedent('''
         open(a.ignore_term_file, "w").close()
     if a.grandchild_file:
         gc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        if a.graceful_file:  # installed before the pid file says we are up
+            def graceful(*_):
+                with open(a.graceful_file, "w") as f:
+                    f.write(f"grandchild alive at SIGTERM: {gc.poll() is None}")
+                gc.kill()
+                gc.wait()
+                sys.exit(0)
+            signal.signal(signal.SIGTERM, graceful)
         with open(a.grandchild_file + ".tmp", "w") as f:
             f.write(str(gc.pid))
         os.rename(a.grandchild_file + ".tmp", a.grandchild_file)
-    if a.graceful_file:
-        def graceful(*_):
-            with open(a.graceful_file, "w") as f:
-                f.write(f"grandchild alive at SIGTERM: {gc.poll() is None}")
-            gc.kill()
-            gc.wait()
-            sys.exit(0)
-        signal.signal(signal.SIGTERM, graceful)
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
