@@ -192,7 +192,7 @@ def check_cpu(cfg: FleetConfig, host: Host) -> Check:
     model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "CPU")
     have = [f for f in CPU_FLAGS if f in flags]
     try:
-        cores = launch.parse_cpu_list(cfg.cpu_cores) if cfg.cpu_cores else sorted(os.sched_getaffinity(0))
+        cores = launch.engine_cores(cfg)
         bind = launch.cpu_threads_bind(cores, cfg.gpus_per_node)
     except ValueError as e:
         return Check("cpu", FAIL, f"{model}: {e}: give the container more cores or lower FLEET_TP_SIZE.")

@@ -224,11 +224,15 @@ def cpu_threads_bind(cores: list[int], local_ranks: int) -> str:
                     for i in range(local_ranks))
 
 
+def engine_cores(cfg: FleetConfig) -> list[int]:
+    """FLEET_CPU_CORES, else every core this process may run on (docker --cpuset-cpus, taskset)."""
+    return parse_cpu_list(cfg.cpu_cores) if cfg.cpu_cores else sorted(os.sched_getaffinity(0))
+
+
 def cpu_engine_env(cfg: FleetConfig, lib_dirs: tuple[str, ...] = SYSTEM_LIB_DIRS) -> tuple[dict[str, str], list[str]]:
     """The CPU backend's variables (SGLang's CPU guide), and a note on what was bound where."""
     try:
-        cores = parse_cpu_list(cfg.cpu_cores) if cfg.cpu_cores else sorted(os.sched_getaffinity(0))
-        bind = cpu_threads_bind(cores, cfg.gpus_per_node)
+        bind = cpu_threads_bind(engine_cores(cfg), cfg.gpus_per_node)
     except ValueError as e:
         raise ConfigError([f"FLEET_CPU_CORES={cfg.cpu_cores or format_cpu_list(sorted(os.sched_getaffinity(0)))!r}: "
                            f"{e}"]) from None
@@ -372,5 +376,5 @@ def _report(problems: list[str]) -> int:
     return EX_CONFIG
 
 
-__all__ = ["EngineLaunch", "FLAG_ALIASES", "build_launch", "cpu_threads_bind", "parse_cpu_list", "engine_env", "engine_flags", "plan_command",
+__all__ = ["EngineLaunch", "FLAG_ALIASES", "build_launch", "cpu_threads_bind", "engine_cores", "parse_cpu_list", "engine_env", "engine_flags", "plan_command",
            "redact_argv", "redact_env", "resolve_advertise_addr"]
