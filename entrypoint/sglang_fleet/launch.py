@@ -84,7 +84,7 @@ def transfer_backend(cfg: FleetConfig, profile: str) -> str:
 
 
 def engine_flags(cfg: FleetConfig, rank: int, nnodes: int, dist_init_addr: str,
-                 profile: str = "ethernet") -> tuple[list[str], list[str]]:
+                 profile: str) -> tuple[list[str], list[str]]:
     """SGLang flags (without the interpreter) and notes about mapped or overridden flags."""
     notes: list[str] = []
     flags: dict[str, Any] = {"model-path": cfg.model_path}
@@ -158,13 +158,12 @@ def _show(value: Any) -> str:
     return " ".join(value) if isinstance(value, tuple) else str(value)
 
 
-def engine_env(cfg: FleetConfig, advertise_addr: str, parent_env: Mapping[str, str] | None = None,
-               proc_root: str = "/proc", profile: netprofile.NetProfile | None = None) -> tuple[dict[str, str], list[str]]:
+def engine_env(cfg: FleetConfig, advertise_addr: str, parent_env: Mapping[str, str] | None,
+               profile: netprofile.NetProfile, proc_root: str = "/proc") -> tuple[dict[str, str], list[str]]:
     """The engine's complete environment and notes (profile choice, user values that won)."""
     parent = os.environ if parent_env is None else parent_env
     env = {k: v for k, v in parent.items() if not k.startswith(STRIPPED_PREFIXES)}
     notes: list[str] = []
-    profile = profile or net_profile(cfg)
     notes.append(f"NCCL profile {profile.name} ({profile.reason})")
     wanted = dict(profile.env)
     source = {name: f"profile {profile.name}" for name in wanted}
@@ -258,7 +257,7 @@ def build_launch(cfg: FleetConfig, rank: int, nnodes: int, dist_init_addr: str, 
         argv = [sys.executable, "-m", "sglang_fleet", "sim-engine", *flags]
     else:
         argv = [cfg.engine_python, "-m", SGLANG_MODULE, *flags]
-    env, env_notes = engine_env(cfg, advertise_addr, parent_env, profile=profile)
+    env, env_notes = engine_env(cfg, advertise_addr, parent_env, profile)
     warnings = flag_notes + env_notes
     try:
         if nnodes > 1 and ipaddress.ip_address(advertise_addr).is_loopback:
