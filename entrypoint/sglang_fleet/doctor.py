@@ -74,7 +74,7 @@ class Plan:
 
 
 def make_plan(cfg: FleetConfig, host: Host) -> Plan:
-    advertise = launch.resolve_advertise_addr(cfg)
+    advertise = netprofile.resolve_advertise_addr(cfg)
     if cfg.is_router:
         return Plan(advertise, None)
     try:

@@ -19,7 +19,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,28 +267,6 @@ def build_launch(cfg: FleetConfig, rank: int, nnodes: int, dist_init_addr: str, 
     return EngineLaunch(argv=argv, env=env, warnings=warnings)
 
 
-def resolve_advertise_addr(cfg: FleetConfig) -> str:
-    """FLEET_ADVERTISE_ADDR, else the source address of the route toward Consul.
-
-    connect() on a UDP socket only picks a route and a source address; it sends nothing.
-    """
-    if cfg.advertise_addr:
-        return cfg.advertise_addr
-    host, port = cfg.consul.host_port
-    host = host.strip("[]")  # [::1]:8500
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((host, port))
-            return s.getsockname()[0]
-    except OSError:
-        pass
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
-
-
 def redact_env(env: Mapping[str, str]) -> dict[str, str]:
     return {k: (REDACTED if SECRET_RE.search(k) else v) for k, v in env.items()}
 
@@ -332,7 +309,7 @@ def plan_command(cfg: FleetConfig, node_rank: int | None, dist_init_addr: str | 
         problems.append(f"--dist-init-addr={dist_init_addr!r}: expected host:port (port 1-65535)")
     if problems:
         return _report(problems)
-    advertise = resolve_advertise_addr(cfg)
+    advertise = netprofile.resolve_advertise_addr(cfg)
     notes: list[str] = []
     if dist_init_addr is None:
         dist_init_addr = f"{advertise}:{cfg.dist_port}"
@@ -376,4 +353,4 @@ def _report(problems: list[str]) -> int:
 
 
 __all__ = ["EngineLaunch", "FLAG_ALIASES", "build_launch", "cpu_threads_bind", "engine_cores", "parse_cpu_list", "engine_env", "engine_flags", "plan_command",
-           "redact_argv", "redact_env", "resolve_advertise_addr"]
+           "redact_argv", "redact_env"]

@@ -23,7 +23,7 @@ from sglang_fleet import drain as dr
 from sglang_fleet import registration as reg
 from sglang_fleet import rendezvous as rdv
 from sglang_fleet.engine import EngineState
-from sglang_fleet.watch import backoff
+from sglang_fleet.retry import backoff
 
 EX_FATAL = 1
 # A member > 0 waits FLEET_DRAIN_TIMEOUT plus this for rank 0 to confirm its drain.

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from sglang_fleet import consul_api as ca
-from sglang_fleet import launch, logs
+from sglang_fleet import launch, logs, netprofile
 from sglang_fleet import registration as reg
 from sglang_fleet import rendezvous as rdv
 from sglang_fleet.config import EX_CONFIG, NAME_RE, FleetConfig
@@ -65,7 +65,7 @@ class Check:
     def __init__(self, cfg: FleetConfig, args, gpus: int):
         self.cfg, self.args, self.gpus = cfg, args, gpus
         self.log = logs.get("sglang_fleet.nccl_check")
-        self.addr = launch.resolve_advertise_addr(cfg)
+        self.addr = netprofile.resolve_advertise_addr(cfg)
         self.api = ca.ConsulAPI(cfg.consul)
         self.rdv = rdv.Rendezvous(self.api, cfg, cfg.node_name, self.addr)
         # Every member must start the same number of processes, or the world sizes disagree.

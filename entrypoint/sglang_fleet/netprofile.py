@@ -15,6 +15,10 @@ import socket
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sglang_fleet.config import FleetConfig
 
 PROFILES = ("ethernet", "infiniband", "roce")
 
@@ -184,5 +188,27 @@ def interface_for(addr: str, proc_root: str | Path = "/proc") -> str | None:
     return None
 
 
+def resolve_advertise_addr(cfg: "FleetConfig") -> str:
+    """FLEET_ADVERTISE_ADDR, else the source address of the route toward Consul.
+
+    connect() on a UDP socket only picks a route and a source address; it sends nothing.
+    """
+    if cfg.advertise_addr:
+        return cfg.advertise_addr
+    host, port = cfg.consul.host_port
+    host = host.strip("[]")  # [::1]:8500
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return s.getsockname()[0]
+    except OSError:
+        pass
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
 __all__ = ["PROFILES", "Detection", "NetProfile", "ProfileError", "detect", "resolve", "interface_for",
-           "read_env_file", "profile_path"]
+           "read_env_file", "profile_path", "resolve_advertise_addr"]

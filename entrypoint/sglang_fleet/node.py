@@ -26,13 +26,14 @@ import structlog
 
 from sglang_fleet import consul_api as ca
 from sglang_fleet import drain as dr
-from sglang_fleet import launch, logs
+from sglang_fleet import launch, logs, netprofile
 from sglang_fleet import registration as reg
 from sglang_fleet import rendezvous as rdv
 from sglang_fleet.config import EX_CONFIG, ConfigError, FleetConfig
 from sglang_fleet.engine import Engine, EngineState
 from sglang_fleet.leaving import EX_FATAL, Ending, Fatal, Leaving
-from sglang_fleet.watch import Watcher, backoff
+from sglang_fleet.retry import backoff
+from sglang_fleet.watch import Watcher
 
 # After our own engine fails, wait this long for a peer's departure to show (its heartbeat TTL is 3 s):
 # when an NCCL peer dies, every survivor's engine aborts too, and that is the peer's failure, not ours.
@@ -45,7 +46,7 @@ class Node(Leaving):
         self.cfg = cfg
         self.node_name = cfg.node_name
         self.group = cfg.group or cfg.node_name
-        self.addr = launch.resolve_advertise_addr(cfg)
+        self.addr = netprofile.resolve_advertise_addr(cfg)
         self.api = api or ca.ConsulAPI(cfg.consul)
         self.rdv = rdv.Rendezvous(self.api, cfg, self.node_name, self.addr)
         self.stop_event = threading.Event()  # shutdown requested (signal)
@@ -357,4 +358,4 @@ def run(cfg: FleetConfig) -> int:
     return node.run()
 
 
-__all__ = ["EX_FATAL", "Ending", "Fatal", "Node", "backoff", "run"]
+__all__ = ["EX_FATAL", "Ending", "Fatal", "Node", "run"]

@@ -28,7 +28,7 @@ from sglang_fleet import logs
 from sglang_fleet.config import FleetConfig
 from sglang_fleet.router_state import ROLE_BY_MODE, DesiredWorker, choose_mode, desired_from_services, reconcile
 from sglang_fleet.smg_client import SmgClient, SmgConflict, SmgError
-from sglang_fleet.watch import backoff
+from sglang_fleet.retry import backoff
 
 SERVICE = "sglang"
 ROUTER_SERVICE = "sglang-router"
@@ -258,7 +258,7 @@ class RouterAgent:
 
     def _after_smg_exit(self) -> None:
         """Logs the exit; when smg keeps dying soon after starting, waits an exponential backoff
-        (watch.backoff: backoff_base doubling up to backoff_max, with jitter) first."""
+        (retry.backoff: backoff_base doubling up to backoff_max, with jitter) first."""
         uptime = time.monotonic() - self.smg.started_at
         self._quick_exits = self._quick_exits + 1 if uptime < SMG_STABLE_AFTER else 0
         delay = backoff(self._quick_exits - 1, self.cfg.backoff_base, self.cfg.backoff_max)
@@ -283,7 +283,7 @@ def advertise_addr(cfg: FleetConfig) -> str:
         return cfg.advertise_addr
     if cfg.router_host not in ("0.0.0.0", "::", ""):
         return cfg.router_host
-    from sglang_fleet.launch import resolve_advertise_addr
+    from sglang_fleet.netprofile import resolve_advertise_addr
     return resolve_advertise_addr(cfg)
 
 

@@ -1,4 +1,4 @@
-"""The node loop's helpers that only observe Consul: the blocking-query watcher and the retry backoff.
+"""The node loop's helper that only observes Consul: the blocking-query watcher.
 
 The watcher holds a blocking query on one group's keys and wakes the loop on every change; it decides
 nothing (docs/protocol.md "Blocking queries": compare data, not indexes; reset the index after an error).
@@ -7,21 +7,11 @@ from __future__ import annotations
 
 import threading
 
-import tenacity
-
 from sglang_fleet import consul_api as ca
 from sglang_fleet.config import FleetConfig
+from sglang_fleet.retry import backoff
 
 WATCH_WAIT = "10s"
-
-
-def backoff(attempt: int, base: float, cap: float) -> float:
-    """tenacity's exponential backoff with jitter for the n-th consecutive failure (n >= 1)."""
-    if attempt < 1 or base <= 0:
-        return 0.0
-    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
-    state.attempt_number = attempt
-    return tenacity.wait_exponential_jitter(initial=base, max=cap, jitter=base / 2)(state)
 
 
 class Watcher(threading.Thread):
@@ -53,4 +43,4 @@ class Watcher(threading.Thread):
             api.close()
 
 
-__all__ = ["Watcher", "backoff", "WATCH_WAIT"]
+__all__ = ["Watcher", "WATCH_WAIT"]

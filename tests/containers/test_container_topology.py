@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 import requests
 
-from containers_support import DECODE_GROUP, FLEET_IMAGE, PREFILL_GROUP, wait_until
+from containers_support import FLEET_IMAGE, PREFILL_GROUP, wait_until
 
 
 def network_ip(container, network: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sglang_fleet import launch
+from sglang_fleet import launch, netprofile
 from sglang_fleet.config import load_config, preset_names
 
 SYSFS = Path(__file__).parent / "fixtures" / "sysfs"
@@ -244,9 +244,9 @@ def test_loopback_advertise_for_a_multinode_group_is_flagged():
 
 
 def test_resolve_advertise_addr():
-    assert launch.resolve_advertise_addr(cfg_of(model_path="m", advertise_addr="10.1.2.3")) == "10.1.2.3"
+    assert netprofile.resolve_advertise_addr(cfg_of(model_path="m", advertise_addr="10.1.2.3")) == "10.1.2.3"
     # UDP connect() toward the local Consul only picks a route; nothing is sent.
-    assert launch.resolve_advertise_addr(cfg_of(model_path="m", CONSUL_HTTP_ADDR="127.0.0.1:8500")) == "127.0.0.1"
+    assert netprofile.resolve_advertise_addr(cfg_of(model_path="m", CONSUL_HTTP_ADDR="127.0.0.1:8500")) == "127.0.0.1"
 
 
 # ---------------------------------------------------------------- redaction

@@ -16,6 +16,7 @@ from sglang_fleet import drain as dr
 from sglang_fleet import node as node_mod
 from sglang_fleet import registration as reg
 from sglang_fleet.engine import EngineState
+from sglang_fleet.retry import backoff
 from test_rendezvous import FakeStore, cfg
 
 
@@ -140,7 +141,7 @@ def test_own_engine_failure_spends_budget_then_fatal(world):
     n = make_node(api, "solo", FLEET_NNODES=1, FLEET_TP_SIZE=1, FLEET_GROUP="", FLEET_MAX_FAILURES=2,
                   FLEET_START_ATTEMPTS=1)
     for gen in (0, 1):
-        cycle_until(n, f"engine started")
+        cycle_until(n, "engine started")
         engines["solo"].state = EngineState.EXITED
         engines["solo"].reason = "engine exited with code 1 before ready"
         assert cycle_until(n, "ending generation") == \
@@ -272,11 +273,11 @@ def test_a_wake_just_after_a_timed_out_sleep_is_not_lost(world):
 
 
 def test_backoff_grows_and_is_capped():
-    assert node_mod.backoff(0, 1, 60) == 0
-    first = node_mod.backoff(1, 1, 60)
+    assert backoff(0, 1, 60) == 0
+    first = backoff(1, 1, 60)
     assert 1 <= first <= 1.5
-    assert 8 <= node_mod.backoff(4, 1, 60) <= 8.5
-    assert node_mod.backoff(20, 1, 60) <= 60
+    assert 8 <= backoff(4, 1, 60) <= 8.5
+    assert backoff(20, 1, 60) <= 60
 
 
 # ---- graceful stop: drain before any engine of the group stops -----------------------------------------
