@@ -1,11 +1,27 @@
 """Cross-field checks of a FleetConfig: every problem, each naming the variable, its value and what
-is allowed. Single-value checks (types, choices) happen while parsing, in config.py."""
+is allowed. Single-value checks (types, choices) happen while parsing, in config.py; the constants
+the checks need live here."""
 from __future__ import annotations
 
 import ipaddress
 import re
 
-from sglang_fleet.config import NAME_RE, PREFILL_ONLY_ENGINE_FLAGS, RESERVED_ENGINE_FLAGS, FleetConfig
+from sglang_fleet.settings import FleetConfig
+
+# Consul keys and service IDs are built from these names: keep them to a safe alphabet.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# Flags sglang-fleet writes itself (and their aliases): FLEET_* settings or the rendezvous decide them.
+RESERVED_ENGINE_FLAGS = {
+    "nnodes": "FLEET_NNODES", "node-rank": "the rendezvous (or FLEET_NODE_RANK)",
+    "dist-init-addr": "the rendezvous (FLEET_DIST_PORT on rank 0)", "nccl-init-addr": "the rendezvous",
+    "tp-size": "FLEET_TP_SIZE", "tp": "FLEET_TP_SIZE", "tensor-parallel-size": "FLEET_TP_SIZE",
+    "model-path": "FLEET_MODEL_PATH", "model": "FLEET_MODEL_PATH", "port": "FLEET_HTTP_PORT",
+    "host": "sglang-fleet (always 0.0.0.0)", "disaggregation-mode": "FLEET_ROLE",
+    "disaggregation-transfer-backend": "FLEET_TRANSFER_BACKEND",
+    "disaggregation-bootstrap-port": "FLEET_BOOTSTRAP_PORT",
+}
+PREFILL_ONLY_ENGINE_FLAGS = frozenset({"chunked-prefill-size", "max-prefill-tokens",
+                                       "disaggregation-bootstrap-port"})
 
 
 def validate_config(cfg: FleetConfig, cluster_only: bool = False) -> list[str]:
