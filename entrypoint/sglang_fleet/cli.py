@@ -13,10 +13,7 @@ def _load_or_exit(cluster_only: bool = False):
         return load_config(cluster_only=cluster_only)
     except ConfigError as e:
         # One report, no traceback, nothing started.
-        print(f"sglang-fleet: configuration error ({len(e.problems)} problem"
-              f"{'s' if len(e.problems) != 1 else ''}):", file=sys.stderr)
-        for problem in e.problems:
-            print(f"  - {problem}", file=sys.stderr)
+        print(e.report(), file=sys.stderr)
         raise SystemExit(EX_CONFIG) from None
 
 
@@ -61,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _load_or_exit(cluster_only=args.command == "status")
     logs.configure(cfg.log_format)
     if args.command == "plan":
-        from sglang_fleet import launch
-        return launch.plan_command(cfg, node_rank=args.node_rank, dist_init_addr=args.dist_init_addr,
-                                   as_json=args.json)
+        from sglang_fleet import plan
+        return plan.plan_command(cfg, node_rank=args.node_rank, dist_init_addr=args.dist_init_addr,
+                                 as_json=args.json)
     if args.command == "node":
         from sglang_fleet import node
         return node.run(cfg)

@@ -3,7 +3,8 @@
 `build_launch()` is the single place that spells SGLang flags. It writes the canonical names of the
 pinned SGLang (0.5.23): `--tp-size`, never the prefix-matched `--tp`; `--attn-dp-size N` for the
 guide's deprecated `--dp-size N --enable-dp-attention`; `--cuda-graph-max-bs-decode` for the guide's
-now ambiguous `--cuda-graph-max-bs`. docs/configuration.md has the full mapping.
+now ambiguous `--cuda-graph-max-bs`. docs/configuration.md has the full mapping; `sglang-fleet plan`
+(plan.py) prints the result.
 
 The environment is the parent's minus the supervisor's own FLEET_* / CONSUL_* settings (Consul's token
 among them): SGLang 0.5.23 alone reads ~750 SGLANG_* variables (srt/environ.py) besides HOST_IP,
@@ -14,10 +15,7 @@ variable the user already set wins and is reported in `warnings`.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
-import re
-import shlex
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -25,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sglang_fleet import netprofile
-from sglang_fleet.config import EX_CONFIG, ConfigError, FleetConfig, parse_cpu_list
+from sglang_fleet.config import ConfigError, FleetConfig, parse_cpu_list
 
 SGLANG_MODULE = "sglang.launch_server"
 # The SGLang release whose own parser checks every command line built here (tests/conformance), and the
@@ -52,12 +50,6 @@ CPU_PRELOADS = ("libiomp5.so", "libtcmalloc.so.4", "libtbbmalloc.so.2")
 SYSTEM_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib")
 STRIPPED_PREFIXES = ("FLEET_", "CONSUL_")  # the supervisor's own settings, secrets included
 
-# Env names containing these are secrets. Flags are matched word by word (`--api-key` yes,
-# `--max-prefill-tokens` no).
-SECRET_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
-SECRET_FLAG_WORDS = frozenset({"token", "key", "apikey", "secret", "password", "passwd", "credential",
-                               "credentials"})
-REDACTED = "***"
 
 
 @dataclass(frozen=True)
@@ -267,90 +259,5 @@ def build_launch(cfg: FleetConfig, rank: int, nnodes: int, dist_init_addr: str, 
     return EngineLaunch(argv=argv, env=env, warnings=warnings)
 
 
-def redact_env(env: Mapping[str, str]) -> dict[str, str]:
-    return {k: (REDACTED if SECRET_RE.search(k) else v) for k, v in env.items()}
-
-
-def redact_argv(argv: list[str]) -> list[str]:
-    out: list[str] = []
-    hide_next = False
-    for tok in argv:
-        if hide_next and not tok.startswith("--"):
-            out.append(REDACTED)
-            hide_next = False
-            continue
-        hide_next = False
-        if tok.startswith("--"):
-            name, eq, _ = tok.partition("=")
-            if SECRET_FLAG_WORDS & set(name[2:].lower().replace("_", "-").split("-")):
-                if eq:
-                    out.append(f"{name}={REDACTED}")
-                    continue
-                hide_next = True
-        out.append(tok)
-    return out
-
-
-def _valid_dist_init_addr(addr: str) -> bool:
-    host, sep, port = addr.rpartition(":")
-    return bool(sep and host and port.isdigit() and 1 <= int(port) <= 65535)
-
-
-def plan_command(cfg: FleetConfig, node_rank: int | None, dist_init_addr: str | None, as_json: bool) -> int:
-    """`sglang-fleet plan`: print the argv and env this node would run (no Consul)."""
-    problems: list[str] = []
-    if cfg.is_router:
-        problems.append("FLEET_ROLE='router': plan shows the engine of a node; use a node role "
-                        "(prefill, decode or regular)")
-    rank = node_rank if node_rank is not None else (cfg.node_rank if cfg.node_rank is not None else 0)
-    if not 0 <= rank < cfg.nnodes:
-        problems.append(f"--node-rank={rank}: must be between 0 and FLEET_NNODES-1 ({cfg.nnodes - 1})")
-    if dist_init_addr is not None and not _valid_dist_init_addr(dist_init_addr):
-        problems.append(f"--dist-init-addr={dist_init_addr!r}: expected host:port (port 1-65535)")
-    if problems:
-        return _report(problems)
-    advertise = netprofile.resolve_advertise_addr(cfg)
-    notes: list[str] = []
-    if dist_init_addr is None:
-        dist_init_addr = f"{advertise}:{cfg.dist_port}"
-        if rank != 0:
-            notes.append(f"dist-init address assumed to be {dist_init_addr}; pass --dist-init-addr "
-                         f"<rank 0 address>:{cfg.dist_port}")
-    try:
-        launch = build_launch(cfg, rank, cfg.nnodes, dist_init_addr, advertise)
-    except ConfigError as e:
-        return _report(e.problems)
-    argv = redact_argv(launch.argv)
-    env = redact_env(launch.env)
-    warnings = notes + launch.warnings
-    if as_json:
-        print(json.dumps({"argv": argv, "env": env, "warnings": warnings}, indent=2))
-        return 0
-    print(f"# sglang-fleet plan: cluster {cfg.cluster}, group {cfg.group or '-'}, role {cfg.role}, "
-          f"rank {rank} of {cfg.nnodes}, advertise {advertise}"
-          + (f", preset {cfg.preset}" if cfg.preset else ""))
-    for w in warnings:
-        print(f"# note: {w}")
-    lines = ["env -i"] + [f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())]
-    lines.append(" ".join(shlex.quote(t) for t in argv[:3]))
-    i = 3
-    while i < len(argv):  # one flag (with its values) per line
-        j = i + 1
-        while j < len(argv) and not argv[j].startswith("--"):
-            j += 1
-        lines.append("  " + " ".join(shlex.quote(t) for t in argv[i:j]))
-        i = j
-    print(" \\\n  ".join(lines))
-    return 0
-
-
-def _report(problems: list[str]) -> int:
-    print(f"sglang-fleet: configuration error ({len(problems)} problem{'s' if len(problems) != 1 else ''}):",
-          file=sys.stderr)
-    for p in problems:
-        print(f"  - {p}", file=sys.stderr)
-    return EX_CONFIG
-
-
-__all__ = ["EngineLaunch", "FLAG_ALIASES", "build_launch", "cpu_threads_bind", "engine_cores", "parse_cpu_list", "engine_env", "engine_flags", "plan_command",
-           "redact_argv", "redact_env"]
+__all__ = ["EngineLaunch", "FLAG_ALIASES", "build_launch", "cpu_threads_bind", "engine_cores", "parse_cpu_list",
+           "engine_env", "engine_flags"]

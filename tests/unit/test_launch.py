@@ -1,9 +1,6 @@
-"""Engine argv and env for each preset and role, the flag mapping, redaction, and `plan`."""
+"""Engine argv and env for each preset and role, the flag mapping, the CPU backend (launch.py)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -247,61 +244,6 @@ def test_resolve_advertise_addr():
     assert netprofile.resolve_advertise_addr(cfg_of(model_path="m", advertise_addr="10.1.2.3")) == "10.1.2.3"
     # UDP connect() toward the local Consul only picks a route; nothing is sent.
     assert netprofile.resolve_advertise_addr(cfg_of(model_path="m", CONSUL_HTTP_ADDR="127.0.0.1:8500")) == "127.0.0.1"
-
-
-# ---------------------------------------------------------------- redaction
-
-def test_redact_env():
-    red = launch.redact_env({"HF_TOKEN": "a", "CONSUL_HTTP_TOKEN": "b", "MY_API_KEY": "c", "DB_PASSWORD": "d",
-                             "AWS_SECRET_ACCESS_KEY": "e", "PATH": "/bin", "NCCL_DEBUG": "INFO"})
-    assert red == {"HF_TOKEN": "***", "CONSUL_HTTP_TOKEN": "***", "MY_API_KEY": "***", "DB_PASSWORD": "***",
-                   "AWS_SECRET_ACCESS_KEY": "***", "PATH": "/bin", "NCCL_DEBUG": "INFO"}
-
-
-def test_redact_argv():
-    argv = ["python3", "--api-key", "s", "--admin-api-key=t", "--max-prefill-tokens", "32768",
-            "--hf-token", "u", "--enable-metrics", "--watermark-key", "v"]
-    assert launch.redact_argv(argv) == ["python3", "--api-key", "***", "--admin-api-key=***",
-                                        "--max-prefill-tokens", "32768", "--hf-token", "***",
-                                        "--enable-metrics", "--watermark-key", "***"]
-
-
-# ---------------------------------------------------------------- plan through the real CLI
-
-def run_plan(env, *args):
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "CONSUL_", "NCCL_", "GLOO_"))}
-    return subprocess.run([sys.executable, "-m", "sglang_fleet", "plan", *args], env={**clean, **env},
-                          capture_output=True, text=True, timeout=60)
-
-
-def test_plan_json_done_when():
-    proc = run_plan({"FLEET_PRESET": "deepseek-r1-prefill", "FLEET_GROUP": "r1-prefill-a", "FLEET_NNODES": "2",
-                     "FLEET_NET_PROFILE": "infiniband", "HF_TOKEN": "hf_secret", "CONSUL_HTTP_TOKEN": "c"},
-                    "--node-rank", "1", "--dist-init-addr", "10.0.0.1:20000", "--json")
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
-    assert set(out) == {"argv", "env", "warnings"}
-    assert out["argv"][3:] == build(cfg_of(preset="deepseek-r1-prefill", group="r1-prefill-a", nnodes=2,
-                                           net_profile="infiniband"), rank=1).argv[3:]
-    assert out["argv"][out["argv"].index("--disaggregation-transfer-backend") + 1] == "mooncake"
-    assert out["env"]["NCCL_IB_DISABLE"] == "0" and out["env"]["NCCL_IB_SPLIT_DATA_ON_QPS"] == "1"
-    assert out["env"]["HF_TOKEN"] == "***"
-    assert "CONSUL_HTTP_TOKEN" not in out["env"]
-    assert "hf_secret" not in proc.stdout
-
-
-def test_plan_text_is_a_runnable_command():
-    proc = run_plan({"FLEET_PRESET": "llama-405b-tp16-2node", "FLEET_GROUP": "l", "FLEET_NET_PROFILE": "ethernet"},
-                    "--node-rank", "0")
-    assert proc.returncode == 0, proc.stderr
-    assert "env -i" in proc.stdout and "python3 -m sglang.launch_server" in proc.stdout
-    assert "--tp-size 16" in proc.stdout and "NCCL_IB_DISABLE=1" in proc.stdout
-    assert "--dist-init-addr 127.0.0.1:20000" in proc.stdout  # rank 0: its own advertise address
-
-
-def test_plan_for_router_is_refused():
-    proc = run_plan({"FLEET_ROLE": "router"})
-    assert proc.returncode == 78 and "FLEET_ROLE='router'" in proc.stderr
 
 
 # ---- FLEET_DEVICE=cpu ------------------------------------------------------------------------------------
