@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     p_nccl.add_argument("--timeout", type=float, default=300.0, help="seconds for rendezvous and all-reduce")
     p_nccl.add_argument("--dist-port", type=int, default=None, help="default FLEET_DIST_PORT")
     p_nccl.add_argument("--json", action="store_true")
+    p_config = sub.add_parser("config", help="check the configuration (exit 78 with the report when it is bad), "
+                              "print what the container needs from it, or write docs/configuration.md")
+    p_config.add_argument("action", choices=("check", "stop-wait", "docs"),
+                          help="check: nothing on stdout when good; stop-wait: supervisord's stop wait in seconds; "
+                          "docs: regenerate the settings tables of docs/configuration.md")
+    p_config.add_argument("--docs-file", default=None, help="docs: the file to rewrite (default: the checkout's)")
     sub.add_parser("sim-engine", help="CPU stand-in for sglang.launch_server (demos and tests only)",
                    add_help=False)
 
@@ -53,10 +59,17 @@ def main(argv: list[str] | None = None) -> int:
         return sim_engine.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "config" and args.action == "docs":  # from the table, not from a configuration
+        from sglang_fleet import config_docs
+        return config_docs.write(args.docs_file)
 
     # `status` only reads Consul: it needs the cluster, not a node's model and sizes.
     cfg = _load_or_exit(cluster_only=args.command == "status")
     logs.configure(cfg.log_format)
+    if args.command == "config":
+        if args.action == "stop-wait":
+            print(cfg.stop_wait)
+        return 0
     if args.command == "plan":
         from sglang_fleet import plan
         return plan.plan_command(cfg, node_rank=args.node_rank, dist_init_addr=args.dist_init_addr,

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from sglang_fleet import config_docs
 from sglang_fleet.config import EX_CONFIG, SETTINGS, ConfigError, load_config, preset_names
+from sglang_fleet.settings import CONSUL_SETTINGS, SECTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = {"FLEET_MODEL_PATH": "org/model", "FLEET_NODE_NAME": "node-a"}
@@ -86,10 +88,38 @@ def test_consul_settings():
     assert (cfg.consul.scheme, cfg.consul.token, cfg.consul.ssl) == ("https", "t", True)
 
 
+IB = "mlx5_bond_0,mlx5_bond_1,mlx5_bond_2,mlx5_bond_3"
+R1 = {"nnodes": 2, "model_path": "deepseek-ai/DeepSeek-R1", "tp_size": 16, "dp_size": 16, "attn_dp": True}
+LLAMA = "meta-llama/Meta-Llama-3.1-405B-Instruct"
+# Every setting a preset changes from the default (the guide's configurations), and its GPUs per node.
+PRESETS = {
+    "deepseek-r1-prefill": ({**R1, "role": "prefill", "sglang_args": (
+        ("chunked-prefill-size", "524288"), ("max-prefill-tokens", "32768"), ("disable-radix-cache", True),
+        ("disaggregation-ib-device", IB))}, 8),
+    "deepseek-r1-decode": ({**R1, "role": "decode", "http_port": 30001, "sglang_args": (
+        ("cuda-graph-max-bs-decode", "64"), ("max-running-requests", "2048"), ("disaggregation-ib-device", IB))}, 8),
+    "deepseek-v3-tp16-ep16-2node": ({"nnodes": 2, "model_path": "deepseek-ai/DeepSeek-V3", "tp_size": 16,
+                                     "ep_size": 16, "dp_size": 16, "attn_dp": True, "dp_lm_head": True,
+                                     "moe_a2a_backend": "deepep", "ep_redundant_experts": 32}, 8),
+    "llama-405b-slurm-xgrammar": ({"nnodes": 2, "model_path": LLAMA, "tp_size": 16, "dist_port": 8000,
+                                   "sglang_args": (("grammar-backend", "xgrammar"),)}, 8),
+    "llama-405b-tp16-2node": ({"nnodes": 2, "model_path": LLAMA, "tp_size": 16}, 8),
+    "llama-405b-tp32-4node": ({"nnodes": 4, "model_path": LLAMA, "tp_size": 32}, 8),
+    "sim-demo": ({"engine": "sim", "model_path": "sim/tiny-chat"}, 1),
+}
+
+
+def test_every_preset_has_expectations():
+    assert sorted(PRESETS) == preset_names()
+
+
 @pytest.mark.parametrize("name", preset_names())
 def test_every_preset_loads(name):
-    cfg = load_config({"FLEET_PRESET": name, "FLEET_GROUP": "g"})
-    assert cfg.model_path and cfg.gpus_per_node in (1, 8)
+    cfg = load_config({"FLEET_PRESET": name, "FLEET_GROUP": "g", "FLEET_NODE_NAME": "node-a"})
+    changed = {s.key: getattr(cfg, s.key) for s in SETTINGS
+               if getattr(cfg, s.key) != s.default and s.key not in ("preset", "group", "node_name")}
+    expected, gpus_per_node = PRESETS[name]
+    assert (changed, cfg.gpus_per_node, cfg.preset) == (expected, gpus_per_node, name)
 
 
 def test_attention_dp_counts_no_extra_gpus():
@@ -165,7 +195,13 @@ def test_invalid_configuration_gives_one_clear_message(env, expected):
 
 def test_every_problem_is_reported_at_once():
     problems = problems_of({"FLEET_ROLE": "worker", "FLEET_HTTP_PORT": "0", "FLEET_TP_SIZE": "x"})
-    assert len(problems) == 3
+    assert problems == [  # parsing first, in table order, then the cross-field checks
+        "FLEET_ROLE='worker': must be one of prefill, decode, regular, router",
+        "FLEET_TP_SIZE='x': expected a whole number",
+        "FLEET_HTTP_PORT=0: must be a port number between 1 and 65535",
+    ]
+    assert ConfigError(problems).report() == "\n".join([
+        "sglang-fleet: configuration error (3 problems):", *(f"  - {p}" for p in problems)])
 
 
 def test_bad_files(tmp_path):
@@ -188,7 +224,7 @@ def test_bad_files(tmp_path):
 
 def run_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "CONSUL_"))}
-    return subprocess.run([sys.executable, "-m", "sglang_fleet", "plan", *args], env={**clean, **env},
+    return subprocess.run([sys.executable, "-m", "sglang_fleet", *(args or ("plan",))], env={**clean, **env},
                           capture_output=True, text=True, timeout=60)
 
 
@@ -205,12 +241,44 @@ def test_cli_exits_78_without_traceback(env, expected):
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
+def test_config_check_is_silent_when_good_and_reports_like_every_command():
+    good = run_cli(BASE, "config", "check")
+    assert (good.returncode, good.stdout, good.stderr) == (0, "", "")
+    bad = run_cli({**BASE, "FLEET_ROLE": "worker", "FLEET_TP_SIZE": "x"}, "config", "check")
+    assert (bad.returncode, bad.stdout) == (78, "")
+    assert bad.stderr == run_cli({**BASE, "FLEET_ROLE": "worker", "FLEET_TP_SIZE": "x"}, "plan").stderr == (
+        "sglang-fleet: configuration error (2 problems):\n"
+        "  - FLEET_ROLE='worker': must be one of prefill, decode, regular, router\n"
+        "  - FLEET_TP_SIZE='x': expected a whole number\n")
+
+
+def test_stop_wait_follows_the_loaded_configuration(tmp_path):
+    assert run_cli(BASE, "config", "stop-wait").stdout == "75\n"  # 30 s drain + 30 s grace + 15 s
+    file = tmp_path / "fleet.yaml"
+    file.write_text("stop_grace: 45.5\n")  # a config file's value counts, not only FLEET_STOP_GRACE
+    proc = run_cli({**BASE, "FLEET_CONFIG": str(file), "FLEET_DRAIN_TIMEOUT": "10"}, "config", "stop-wait")
+    assert (proc.returncode, proc.stdout) == (0, "71\n")
+    assert run_cli({**BASE, "FLEET_STOP_GRACE": "-1"}, "config", "stop-wait").returncode == 78
+
+
 # ---------------------------------------------------------------- docs
 
-def test_every_setting_is_documented():
+def test_the_settings_tables_of_the_docs_are_generated_from_the_table():
     doc = (ROOT / "docs" / "configuration.md").read_text()
-    missing = [s.env for s in SETTINGS if f"`{s.env}`" not in doc]
-    assert missing == []
-    for name in ["CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_SSL", "CONSUL_CACERT", "FLEET_CONFIG",
-                 *preset_names()]:
+    assert config_docs.render(doc) == doc, f"docs/configuration.md differs from the settings table: run {config_docs.REGENERATE}"
+
+
+def test_every_setting_is_documented_in_its_section():
+    tables = config_docs.settings_markdown()
+    for s in SETTINGS + CONSUL_SETTINGS:
+        section = tables.split(f"### {SECTIONS[s.section]}\n")[1].split("### ")[0]
+        assert f"| `{s.env}`" in section, s.env
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    for name in ["FLEET_CONFIG", *preset_names()]:  # the hand-written parts
         assert name in doc, name
+
+
+def test_docs_without_the_markers_are_refused(tmp_path):
+    doc = tmp_path / "configuration.md"
+    doc.write_text("# Configuration\n")
+    assert config_docs.write(doc) == 1 and doc.read_text() == "# Configuration\n"
