@@ -18,21 +18,10 @@ program_for_role() {
   esac
 }
 
-# Bad configuration stops here with exit 78 and sglang-fleet's one-line-per-problem report on stderr,
-# before supervisord starts anything.
+# Bad configuration stops here with exit 78 and the report every sglang-fleet command prints (one line
+# per problem, on stderr), before supervisord starts anything.
 check_config() {
-  "$FLEET_HOME/bin/python" - <<'PY'
-import sys
-from sglang_fleet.config import EX_CONFIG, ConfigError, load_config
-try:
-    load_config()
-except ConfigError as e:  # the same report `sglang-fleet` prints
-    n = len(e.problems)
-    print(f"sglang-fleet: configuration error ({n} problem{'s' if n != 1 else ''}):", file=sys.stderr)
-    for problem in e.problems:
-        print(f"  - {problem}", file=sys.stderr)
-    sys.exit(EX_CONFIG)
-PY
+  "$FLEET_HOME/bin/sglang-fleet" config check
 }
 
 healthcheck() {
@@ -48,22 +37,21 @@ PY
 }
 
 run_supervisord() {
-  local program grace conf
+  local program conf
   program=$(program_for_role)
   mkdir -p "$SUPERVISOR_RUN_DIR"
-  # supervisord sends SIGKILL this long after SIGTERM: the node's drain (rank 0 lets the requests in
-  # flight finish), its engine's grace, plus time to withdraw. The container's stop timeout must be at
-  # least this (docs/operations.md).
-  grace=${FLEET_STOP_GRACE:-30}
-  drain=${FLEET_DRAIN_TIMEOUT:-30}
-  export SUPERVISOR_STOPWAIT=$(( ${grace%.*} + ${drain%.*} + 15 ))
+  # supervisord sends SIGKILL this long after SIGTERM: the drain, the engine's grace and time to
+  # withdraw, from the loaded configuration (preset, config file, env). The container's stop timeout
+  # must be at least this (docs/operations.md). Loading it is also the configuration check.
+  SUPERVISOR_STOPWAIT=$("$FLEET_HOME/bin/sglang-fleet" config stop-wait) || exit $?
+  export SUPERVISOR_STOPWAIT
   conf="$SUPERVISOR_RUN_DIR/supervisord.conf"
   cat "$SUPERVISOR_DIR/supervisord.conf" "$SUPERVISOR_DIR/$program.conf" >"$conf"
   exec "$FLEET_HOME/bin/python" "$SUPERVISOR_DIR/pid1.py" -c "$conf"
 }
 
 case "${1:-}" in
-  "") check_config; run_supervisord ;;
+  "") run_supervisord ;;
   healthcheck) healthcheck ;;
   check) check_config ;;
   *) exec "$@" ;;
