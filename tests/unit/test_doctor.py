@@ -372,10 +372,19 @@ def test_exit_code_follows_failures(monkeypatch, capsys):
     assert "doctor: 1 fail, 0 warn, 0 ok, 0 skip" in capsys.readouterr().out
 
 
-def test_table_wraps_on_a_tty():
-    text = doctor.format_text([doctor.Check("model", doctor.WARN, "word " * 60)], tty=True)
-    lines = text.splitlines()
-    assert lines[0].startswith("CHECK") and lines[1].startswith("model    WARN") and len(lines) > 3
+def test_table_wraps_on_a_tty(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "60")  # the detail column is 60 - 16 = 44 wide: nine words a line
+    text = doctor.format_text([doctor.Check("model", doctor.WARN, "word " * 60),
+                               doctor.Check("gpu", doctor.OK, "8 x H100.")], tty=True)
+    nine = " ".join(["word"] * 9)
+    assert text.splitlines() == [
+        "CHECK    STATUS DETAIL",
+        "model    WARN   " + nine,
+        *[" " * 16 + nine] * 5,
+        " " * 16 + " ".join(["word"] * 6),
+        "gpu      OK     8 x H100.",
+        "doctor: 0 fail, 1 warn, 1 ok, 0 skip",
+    ]
 
 
 def cli(*args, **env):
