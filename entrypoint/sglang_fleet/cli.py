@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     p_nccl.add_argument("--json", action="store_true")
     p_config = sub.add_parser("config", help="check the configuration (exit 78 with the report when it is bad), "
                               "print what the container needs from it, or write docs/configuration.md")
-    p_config.add_argument("action", choices=("check", "stop-wait", "docs"),
+    p_config.add_argument("action", choices=("check", "stop-wait", "list", "docs"),
                           help="check: nothing on stdout when good; stop-wait: supervisord's stop wait in seconds; "
+                          "list: every setting by section (--json: the table); "
                           "docs: regenerate the settings tables of docs/configuration.md")
+    p_config.add_argument("--json", action="store_true")
     p_config.add_argument("--docs-file", default=None, help="docs: the file to rewrite (default: the checkout's)")
     sub.add_parser("sim-engine", help="CPU stand-in for sglang.launch_server (demos and tests only)",
                    add_help=False)
@@ -59,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         return sim_engine.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "config" and args.action == "docs":  # from the table, not from a configuration
+    if args.command == "config" and args.action in ("list", "docs"):  # the table, not a configuration
         from sglang_fleet import config_docs
-        return config_docs.write(args.docs_file)
+        return config_docs.write(args.docs_file) if args.action == "docs" else config_docs.list_settings(args.json)
 
     # `status` only reads Consul: it needs the cluster, not a node's model and sizes.
     cfg = _load_or_exit(cluster_only=args.command == "status")

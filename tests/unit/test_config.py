@@ -2,6 +2,7 @@
 clear message per invalid configuration (exit 78 through the real CLI)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -282,3 +283,16 @@ def test_docs_without_the_markers_are_refused(tmp_path):
     doc = tmp_path / "configuration.md"
     doc.write_text("# Configuration\n")
     assert config_docs.write(doc) == 1 and doc.read_text() == "# Configuration\n"
+
+
+def test_config_list_shows_every_setting_by_section(capsys):
+    assert config_docs.list_settings(as_json=True) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["env"] for r in rows] == [s.env for sec in SECTIONS for s in SETTINGS + CONSUL_SETTINGS
+                                        if s.section == sec]
+    assert rows[0] == {"section": "node", "env": "FLEET_ROLE", "key": "role", "default": "'regular'",
+                       "help": SETTINGS[0].help, "example": "prefill", "choices": "prefill|decode|regular|router"}
+    config_docs.list_settings(as_json=False)
+    text = capsys.readouterr().out
+    assert text.index("# Router role") < text.index("FLEET_ROUTER_PORT (router_port) = 8000: ") < text.index(
+        "# Consul") < text.index("CONSUL_HTTP_SSL = False: Use HTTPS.")
