@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 from sglang_fleet.settings import (CONSUL_SETTINGS, MOE_A2A_BACKENDS, NODE_ROLES, ROLES, SETTING_BY_KEY, SETTINGS,
-                                   ConsulSettings, FleetConfig, Setting, _engine_args_layer, describe_settings,
+                                   ConsulSettings, FleetConfig, Setting, engine_args_layer, describe_settings,
                                    parse_cpu_list)
 from sglang_fleet.validation import NAME_RE, validate_config
 
@@ -103,7 +103,7 @@ def _parse(setting: Setting, raw: Any, source: str, problems: list[str]) -> Any:
 def _merge_engine_args(base: tuple, raw: Any, label: str, problems: list[str]) -> tuple:
     """Flag by flag: a later layer replaces a flag in place, adds new ones, and `flag: false` drops one."""
     try:
-        pairs = _engine_args_layer(raw)
+        pairs = engine_args_layer(raw)
     except ValueError as e:
         problems.append(f"{label}={raw!r}: {e} (shell-quoted --flag value pairs, e.g. "
                         f"'--chunked-prefill-size 8192 --disable-radix-cache')")

@@ -122,10 +122,10 @@ def _engine_args(value: Any) -> tuple[tuple[str, Any], ...]:
 
     Accepts a YAML mapping {flag: value}, a YAML list of tokens, or a shell-quoted string.
     """
-    return tuple((name, val) for name, val in _engine_args_layer(value) if val is not None)
+    return tuple((name, val) for name, val in engine_args_layer(value) if val is not None)
 
 
-def _engine_args_layer(value: Any) -> tuple[tuple[str, Any], ...]:
+def engine_args_layer(value: Any) -> tuple[tuple[str, Any], ...]:
     """Like _engine_args, but a YAML `flag: false` (or null) yields (flag, None): drop an inherited flag."""
     if value in (None, ""):
         return ()
