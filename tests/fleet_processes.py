@@ -68,23 +68,50 @@ class ConsulAgent:
     server_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     starts: int = 0
+    # Agent configuration (HCL) beyond -dev, e.g. ACLs; `tls` makes the port HTTPS-only (tls_config()).
+    config_hcl: str = ""
+    tls: "ConsulTLS | None" = None
+    token: str | None = None  # the token the fixture itself uses (the ACL master token)
 
     @property
     def addr(self) -> str:
         return f"127.0.0.1:{self.http_port}"
+
+    def client_env(self, token: str | None = None) -> dict[str, str]:
+        """Consul's own variables for a client of this agent (sglang-fleet, the consul CLI)."""
+        env = {"CONSUL_HTTP_ADDR": self.addr}
+        if token:
+            env["CONSUL_HTTP_TOKEN"] = token
+        if self.tls:
+            env.update({"CONSUL_HTTP_SSL": "true", "CONSUL_CACERT": str(self.tls.ca),
+                        "CONSUL_CLIENT_CERT": str(self.tls.client_cert),
+                        "CONSUL_CLIENT_KEY": str(self.tls.client_key)})
+        return env
+
+    def settings(self, token: str | None = None) -> ConsulSettings:
+        tls = self.tls
+        return ConsulSettings(http_addr=self.addr, token=token, ssl=bool(tls), cacert=str(tls.ca) if tls else None,
+                              client_cert=str(tls.client_cert) if tls else None,
+                              client_key=str(tls.client_key) if tls else None)
 
     @property
     def log_path(self) -> Path:
         return self.workdir / "consul.log"
 
     def api(self) -> ConsulAPI:
-        return ConsulAPI(ConsulSettings(http_addr=self.addr))
+        return ConsulAPI(self.settings(self.token))
 
     def start(self, timeout: float = 30.0) -> None:
         argv = [self.binary, "agent", "-dev", "-client", "127.0.0.1", "-bind", "127.0.0.1",
-                "-http-port", str(self.http_port), "-dns-port", "-1", "-grpc-port", "-1",
+                "-dns-port", "-1", "-grpc-port", "-1",
                 "-serf-lan-port", str(self.serf_lan_port), "-serf-wan-port", str(self.serf_wan_port),
                 "-server-port", str(self.server_port), "-node", "consul-test", "-log-level", "warn"]
+        hcl = self.config_hcl + (self.tls.agent_hcl(self.http_port) if self.tls else "")
+        if self.tls is None:
+            argv += ["-http-port", str(self.http_port)]  # a flag would override the HCL's ports
+        if hcl:
+            (self.workdir / "agent.hcl").write_text(hcl)
+            argv += ["-config-file", str(self.workdir / "agent.hcl")]
         self.starts += 1
         log = open(self.log_path, "ab")
         log.write(f"\n==== start {self.starts}: {' '.join(argv)}\n".encode())
@@ -123,6 +150,36 @@ class ConsulAgent:
         time.sleep(down_for)
         self.start()
 
+
+
+@dataclass
+class ConsulTLS:
+    """A CA and certificates made by `consul tls` for one test: the agent serves HTTPS only on its HTTP
+    port and verifies client certificates (verify_incoming)."""
+    dir: Path
+
+    @classmethod
+    def create(cls, binary: str, workdir: Path) -> "ConsulTLS":
+        workdir.mkdir(parents=True, exist_ok=True)
+        for args in (["ca", "create"], ["cert", "create", "-server", "-additional-ipaddress", "127.0.0.1"],
+                     ["cert", "create", "-client"]):
+            subprocess.run([binary, "tls", *args], cwd=workdir, check=True, capture_output=True, timeout=60)
+        return cls(workdir)
+
+    ca = property(lambda self: self.dir / "consul-agent-ca.pem")
+    client_cert = property(lambda self: self.dir / "dc1-client-consul-0.pem")
+    client_key = property(lambda self: self.dir / "dc1-client-consul-0-key.pem")
+
+    def agent_hcl(self, port: int) -> str:
+        return (f'ports {{ http = -1, https = {port} }}\nverify_incoming = true\nverify_outgoing = true\n'
+                f'ca_file = "{self.ca}"\ncert_file = "{self.dir / "dc1-server-consul-0.pem"}"\n'
+                f'key_file = "{self.dir / "dc1-server-consul-0-key.pem"}"\n')
+
+
+def acl_hcl(master_token: str) -> str:
+    """Agent configuration for ACLs in default-deny mode; the master token is the agent's token too."""
+    return ('acl {\n  enabled = true\n  default_policy = "deny"\n  enable_token_persistence = true\n'
+            f'  tokens {{\n    master = "{master_token}"\n    agent = "{master_token}"\n  }}\n}}\n')
 
 
 # ---- the real engine (tests/sglang, scripts/bench_real.py) ----------------------------------------------
@@ -300,8 +357,8 @@ class Supervisors:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("FLEET_", "CONSUL_", "SGLANG_FLEET_"))}
         env.update(self.base_env)
+        env.update(self.consul.client_env())
         env.update({
-            "CONSUL_HTTP_ADDR": self.consul.addr,
             "FLEET_CLUSTER": self.cluster,
             "FLEET_NODE_NAME": name,
             "FLEET_ADVERTISE_ADDR": addr,

@@ -17,6 +17,20 @@ def _load_or_exit(cluster_only: bool = False):
         raise SystemExit(EX_CONFIG) from None
 
 
+def _consul_rights_or_exit(cfg, role: str) -> None:
+    """Checks the Consul token's rights and the TLS settings before anything starts (access.preflight)."""
+    from sglang_fleet import access
+    from sglang_fleet import consul_api as ca
+    api = ca.ConsulAPI(cfg.consul)
+    try:
+        access.preflight(api, role, cfg.cluster)
+    except ca.ConsulMisconfigured as e:
+        print(f"sglang-fleet: {e}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
+    finally:
+        api.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sglang-fleet", description=__doc__)
     parser.add_argument("--version", action="version", version=f"sglang-fleet {__version__}")
@@ -78,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                                  as_json=args.json)
     if args.command == "node":
         from sglang_fleet import node
+        _consul_rights_or_exit(cfg, "node")
         return node.run(cfg)
     if args.command == "router":
         from sglang_fleet import router
+        _consul_rights_or_exit(cfg, "router")
         return router.run(cfg)
     if args.command == "status":
         from sglang_fleet import status

@@ -117,10 +117,50 @@ def _merge_engine_args(base: tuple, raw: Any, label: str, problems: list[str]) -
     return tuple(merged.items())
 
 
+def secret_from_file(s: Setting, env: Mapping[str, str], problems: list[str]) -> str | None:
+    """A secret setting's value from the file `<env>_FILE` names (Consul's and Docker's convention: the
+    secret stays out of `docker inspect` and the process table), or None when that is not set."""
+    path = (env.get(s.env + "_FILE") or "").strip()
+    if not path:
+        return None
+    if env.get(s.env):
+        problems.append(f"{s.env}_FILE={path!r}: {s.env} is set too; set only one")
+        return None
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as e:
+        problems.append(f"{s.env}_FILE={path!r}: cannot read it ({e.strerror})")
+        return None
+    if not text:
+        problems.append(f"{s.env}_FILE={path!r}: the file is empty")
+        return None
+    return text
+
+
+def env_values(table: tuple[Setting, ...], env: Mapping[str, str], problems: list[str]) -> dict[str, Any]:
+    """The raw values the environment gives the settings of `table` (secrets also from `<env>_FILE`)."""
+    raw = {s.key: env[s.env] for s in table if env.get(s.env, "") != ""}
+    for s in table:
+        if s.secret and (text := secret_from_file(s, env, problems)) is not None:
+            raw[s.key] = text
+    return raw
+
+
 def _consul(env: Mapping[str, str], problems: list[str]) -> ConsulSettings:
     """Consul's own variables, from the environment only (like the consul CLI reads them)."""
-    values = {s.key: _parse(s, env[s.env], s.env, problems) if env.get(s.env) else s.default
+    raw = env_values(CONSUL_SETTINGS, env, problems)
+    values = {s.key: _parse(s, raw[s.key], s.env, problems) if s.key in raw else s.default
               for s in CONSUL_SETTINGS}
+    if env.get("CONSUL_HTTP_TOKEN_FILE") and "token" in raw:
+        values["token_source"] = f"CONSUL_HTTP_TOKEN_FILE={env['CONSUL_HTTP_TOKEN_FILE'].strip()}"
+    for var, key in (("CONSUL_CACERT", "cacert"), ("CONSUL_CLIENT_CERT", "client_cert"),
+                     ("CONSUL_CLIENT_KEY", "client_key")):
+        if values[key] and not os.access(values[key], os.R_OK):
+            problems.append(f"{var}={values[key]!r}: no readable file there (a PEM file)")
+    if bool(values["client_cert"]) != bool(values["client_key"]):
+        have, missing = (("CONSUL_CLIENT_CERT", "CONSUL_CLIENT_KEY") if values["client_cert"]
+                         else ("CONSUL_CLIENT_KEY", "CONSUL_CLIENT_CERT"))
+        problems.append(f"{have}={env[have]!r}: {missing} is not set; a client certificate needs both")
     consul = ConsulSettings(**values)
     try:
         consul.host_port
@@ -151,8 +191,7 @@ def load_config(env: Mapping[str, str] | None = None, *, cluster_only: bool = Fa
             layers.append((f"preset {preset_name}:", _read_yaml(path, f"FLEET_PRESET={preset_name}", problems)))
     if file_data:
         layers.append((f"{cfg_file}:", file_data))
-    env_layer = {s.key: env[s.env] for s in SETTINGS if s.env in env and env[s.env] != ""}
-    layers.append(("", env_layer))
+    layers.append(("", env_values(SETTINGS, env, problems)))
 
     values: dict[str, Any] = {s.key: s.default for s in SETTINGS}
     for prefix, data in layers:

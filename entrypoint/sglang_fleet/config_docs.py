@@ -31,6 +31,8 @@ def _default(value: Any) -> str:
 def _row(s: Setting) -> str:
     name = f"`{s.env}`" if s.env_name else f"`{s.env}` (`{s.key}`)"
     meaning = s.help + (f" One of: {', '.join(f'`{c}`' for c in s.choices)}." if s.choices else "")
+    if s.secret:
+        meaning += f" Secret: `{s.env}_FILE` may name a file holding it instead."
     example = f'"{s.example}"' if " " in s.example else s.example
     return f"| {name} | {_default(s.default)} | {meaning} | `{s.env}={example}` |"
 

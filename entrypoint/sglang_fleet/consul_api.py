@@ -8,6 +8,9 @@ rest of the appliance reasons about (Patroni `dcs/consul.py` `catch_consul_error
 - `ConsulConflict`: a failed CAS, lock acquisition or transaction. Somebody else won; re-read.
 - `ConsulNotFound`: the agent does not know a check/service we refer to (e.g. after the agent lost its
   state in a restart), or a session we write with was invalidated; the caller re-registers or rejoins.
+- `ConsulMisconfigured` (`ConsulDenied`: 403, the token lacks a right; `ConsulTLSFailed`: the TLS
+  handshake or scheme is wrong): no retry cures these; nodes and the router exit 78 with the message,
+  which names the variable to fix and, for a 403, the right the token lacks (docs/security.md).
 
 Values are bytes in and out of KV; helpers below encode JSON. Blocking queries return `(index, data)`
 with the index already sanitised as docs/protocol.md asks (reset to 0 when it goes backwards).
@@ -17,10 +20,12 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import consul
+import consul.callback
 import consul.exceptions
 import requests
 
@@ -45,6 +50,22 @@ class ConsulConflict(ConsulError):
 class ConsulNotFound(ConsulError):
     """The agent does not know the check or service named (it may have lost its state), or the session
     a write names is gone (invalidated: Consul answers 500 "invalid session", which no retry cures)."""
+
+
+class ConsulMisconfigured(ConsulError):
+    """A configuration problem no retry cures (exit 78): str() is the one line the user sees."""
+
+
+class ConsulDenied(ConsulMisconfigured):
+    """403: the token (CONSUL_HTTP_TOKEN or its file) lacks `right`, or Consul does not know the token."""
+
+    def __init__(self, message: str, right: str = ""):
+        super().__init__(message)
+        self.right = right
+
+
+class ConsulTLSFailed(ConsulMisconfigured):
+    """TLS to Consul failed (CA, client certificate, or HTTP spoken to an HTTPS port and back)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +108,11 @@ def next_index(sent: int, got: Any) -> int:
 
 def _classify(exc: BaseException, what: str) -> ConsulError:
     text = str(exc)
+    if isinstance(exc, requests.exceptions.SSLError):
+        return ConsulTLSFailed(_tls_advice(text))
+    if isinstance(exc, consul.exceptions.BadRequest) and "HTTP request to an HTTPS server" in text:
+        return ConsulTLSFailed("Consul serves HTTPS only: set CONSUL_HTTP_SSL=true (or CONSUL_HTTP_ADDR=https://...) "
+                               "and CONSUL_CACERT")
     if isinstance(exc, requests.exceptions.RequestException) or isinstance(exc, OSError):
         return ConsulUnavailable(f"{what}: {type(exc).__name__}: {_short(text)}")
     if isinstance(exc, consul.exceptions.ClientError) and text.startswith("409"):
@@ -104,6 +130,56 @@ def _classify(exc: BaseException, what: str) -> ConsulError:
     return ConsulError(f"{what}: {type(exc).__name__}: {_short(text)}")
 
 
+def _tls_advice(text: str) -> str:
+    """One line saying which variable to look at for a failed TLS handshake."""
+    reason = re.search(r"\[SSL: [A-Z0-9_]+\][^(]*", text)
+    reason_text = reason.group(0).strip() if reason else _short(text, 160)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        fix = "CONSUL_CACERT must name the CA that signed Consul's certificate"
+    elif "BAD_CERTIFICATE" in text or "CERTIFICATE_REQUIRED" in text or "UNKNOWN_CA" in text:
+        fix = "Consul refused our client certificate: set CONSUL_CLIENT_CERT/CONSUL_CLIENT_KEY to one its CA signed"
+    elif "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
+        fix = "Consul does not speak TLS on that port: unset CONSUL_HTTP_SSL or use its HTTPS port"
+    else:
+        fix = "check CONSUL_CACERT, CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY"
+    return f"TLS to Consul failed ({reason_text}): {fix}"
+
+
+def _right_needed(method: str, args: tuple, kwargs: dict) -> str:
+    """The ACL right a ConsulAPI call needs, named as Consul's policy language spells it."""
+    first = args[0] if args else ""
+    if method.startswith("kv_"):
+        access = "read" if method in ("kv_get", "kv_get_tree") else "write"
+        return f'key:{access} on "{first}"' + (" (key_prefix)" if method.endswith("tree") else "")
+    if method == "txn":
+        keys = sorted({op.get("KV", {}).get("Key", "") for op in (first or [])})
+        return f'key:write on {", ".join(repr(k) for k in keys)}'
+    if method in ("register_service",):
+        return f'service:write on "{first}"'
+    if method in ("deregister_service", "pass_ttl"):
+        return f'service:write on the service of "{first}"'
+    if method == "health_service":
+        return f'service:read on "{first}" and node:read on the nodes it runs on'
+    if method.startswith("session_"):
+        access = "read" if method == "session_info" else "write"
+        return f"session:{access} on the Consul agent's node"
+    if method in ("agent_node_name", "agent_services"):
+        return "agent:read on the Consul agent's node" if method == "agent_node_name" else "service:read"
+    return f"the right {method} needs"
+
+
+def _denied(exc: BaseException, settings: ConsulSettings, method: str, args: tuple, kwargs: dict) -> ConsulDenied:
+    body = _short(str(exc), 120)
+    if "ACL not found" in body:
+        return ConsulDenied(f"Consul does not know the token in {settings.token_source} (403 ACL not found): "
+                            "create it (docs/security.md) or fix the variable")
+    right = _right_needed(method, args, kwargs)
+    who = (settings.token_source if settings.token else
+           "no CONSUL_HTTP_TOKEN is set and the anonymous token")
+    return ConsulDenied(f"{who} lacks {right} (Consul answered 403 to {method}); "
+                        "see config/acl/ and docs/security.md", right=right)
+
+
 def _short(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "..."
@@ -118,6 +194,8 @@ def _boundary(method):
             return method(self, *args, **kwargs)
         except ConsulError:
             raise
+        except consul.ACLPermissionDenied as exc:
+            raise _denied(exc, self.settings, method.__name__, args, kwargs) from exc
         except (consul.ConsulException, requests.exceptions.RequestException, OSError) as exc:
             raise _classify(exc, method.__name__) from exc
 
@@ -170,8 +248,14 @@ class ConsulAPI:
         verify: bool | str = settings.cacert or True
         self.settings = settings
         self.address = f"{host}:{port}"
+        cert = (settings.client_cert, settings.client_key) if settings.client_cert else None
         self._c = consul.Consul(host=host, port=port, token=settings.token, scheme=settings.scheme,
-                                verify=verify, connections_timeout=timeout)
+                                verify=verify, cert=cert, connections_timeout=timeout)
+        # py-consul prefers CONSUL_HTTP_TOKEN from os.environ over the token it is given, and some of its
+        # calls (agent.self) send no token at all: the settings decide, for every request.
+        self._c.token = settings.token
+        if settings.token:
+            self._c.http.session.headers["X-Consul-Token"] = settings.token
 
     # ---- status -------------------------------------------------------------------------------------
     @_boundary
@@ -182,6 +266,19 @@ class ConsulAPI:
     @_boundary
     def agent_node_name(self) -> str:
         return self._c.agent.self()["Config"]["NodeName"]
+
+    @_boundary
+    def authorize(self, rights: list[tuple[str, str, str]]) -> list[bool] | None:
+        """Whether this token holds each (resource, segment, access), e.g. ("key", "sglang-fleet/x/", "write"),
+        asked of Consul's own ACL resolver (POST /v1/internal/acl/authorize, the endpoint Consul's UI uses;
+        Consul >= 1.7). None when this Consul cannot tell (an older one, or a 404)."""
+        body = [{"Resource": r, "Segment": s, "Access": a} for r, s, a in rights]
+        try:
+            answer = self._c.http.post(consul.callback.CB.json(), "/v1/internal/acl/authorize",
+                                       data=json.dumps(body))
+        except consul.NotFound:
+            return None
+        return [bool(item.get("Allow")) for item in answer]
 
     # ---- agent services and checks ---------------------------------------------------------------
     @_boundary
@@ -299,6 +396,7 @@ class ConsulAPI:
 
 
 __all__ = [
-    "ConsulAPI", "ConsulConflict", "ConsulError", "ConsulNotFound", "ConsulUnavailable", "KVEntry", "dumps",
+    "ConsulAPI", "ConsulConflict", "ConsulDenied", "ConsulError", "ConsulMisconfigured", "ConsulNotFound",
+    "ConsulTLSFailed", "ConsulUnavailable", "KVEntry", "dumps",
     "next_index", "txn_cas", "txn_check_index", "txn_check_session", "txn_delete_tree", "txn_lock", "txn_set",
 ]

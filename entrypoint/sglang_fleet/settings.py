@@ -50,6 +50,7 @@ class Setting:
     example: str = ""
     choices: tuple[str, ...] = ()
     env_name: str = ""
+    secret: bool = False  # also read from the file `<env>_FILE` names; never shown (docs/security.md)
 
     @property
     def env(self) -> str:
@@ -167,11 +168,12 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
 
 
 def setting(section: str, default: Any, help: str, example: str = "", choices: tuple[str, ...] = (),
-            parse: Callable[[Any], Any] | None = None, env: str = "") -> Any:
-    """A dataclass field that is also a row of the settings table."""
+            parse: Callable[[Any], Any] | None = None, env: str = "", secret: bool = False) -> Any:
+    """A dataclass field that is also a row of the settings table. A secret stays out of reprs (logs)."""
     assert section in SECTIONS, section
-    return field(default=default, metadata={"setting": dict(section=section, help=help, example=example,
-                                                            choices=choices, parse=parse, env_name=env)})
+    return field(default=default, repr=not secret,
+                 metadata={"setting": dict(section=section, help=help, example=example, choices=choices,
+                                           parse=parse, env_name=env, secret=secret)})
 
 
 def settings_of(cls: type) -> tuple[Setting, ...]:
@@ -190,11 +192,18 @@ class ConsulSettings:
     http_addr: str = setting("consul", "127.0.0.1:8500", "The Consul agent's HTTP API, `host:port` or "
                              "`http(s)://host:port`. Also decides the default advertise address (the source "
                              "address of the route toward this host).", "10.0.0.5:8500", env="CONSUL_HTTP_ADDR")
-    token: str | None = setting("consul", None, "ACL token. Never passed to the engine; shown as `***` by "
-                                "`plan`.", "...", env="CONSUL_HTTP_TOKEN")
+    token: str | None = setting("consul", None, "ACL token (`config/acl/`, docs/security.md). Never logged, never "
+                                "passed to the engine; shown as `***` by `plan`.", "...", env="CONSUL_HTTP_TOKEN",
+                                secret=True)
     ssl: bool = setting("consul", False, "Use HTTPS.", "1", env="CONSUL_HTTP_SSL")
-    cacert: str | None = setting("consul", None, "CA certificate for HTTPS.", "/etc/consul/ca.pem",
-                                 env="CONSUL_CACERT")
+    cacert: str | None = setting("consul", None, "CA certificate that signed Consul's HTTPS certificate.",
+                                 "/etc/consul/ca.pem", env="CONSUL_CACERT")
+    client_cert: str | None = setting("consul", None, "Client certificate for a Consul with `verify_incoming` "
+                                      "(with CONSUL_CLIENT_KEY).", "/etc/consul/client.pem", env="CONSUL_CLIENT_CERT")
+    client_key: str | None = setting("consul", None, "Private key of CONSUL_CLIENT_CERT.", "/etc/consul/client-key.pem",
+                                     env="CONSUL_CLIENT_KEY")
+    # Which variable the token came from (CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE=<path>): errors name it.
+    token_source: str = field(default="CONSUL_HTTP_TOKEN", compare=False)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -310,7 +319,7 @@ class FleetConfig:
     router_policy: str = setting("router", "cache_aware", "smg load-balancing policy.", "round_robin",
                                  ROUTER_POLICIES)
     router_api_key: str | None = setting("router", None, "API key smg requires from clients (--api-key).",
-                                         "s3cret")
+                                         "s3cret", secret=True)
     router_prometheus_port: int = setting("router", 29000, "smg's own Prometheus port.", "29000")
     router_health_interval: int = setting("router", 10, "smg's worker health-check interval in seconds.", "10")
     router_health_timeout: int = setting(

@@ -87,6 +87,32 @@ def test_consul_settings():
     cfg = load(CONSUL_HTTP_ADDR="https://consul.internal:8501", CONSUL_HTTP_TOKEN="t", CONSUL_HTTP_SSL="1")
     assert cfg.consul.host_port == ("consul.internal", 8501)
     assert (cfg.consul.scheme, cfg.consul.token, cfg.consul.ssl) == ("https", "t", True)
+    assert "'t'" not in repr(cfg.consul), "the token stays out of reprs (and so of logs)"
+
+
+def test_consul_token_from_file_and_tls_files(tmp_path):
+    (tmp_path / "token").write_text("  s3cret-token\n")
+    for name in ("ca.pem", "cert.pem", "key.pem"):
+        (tmp_path / name).write_text("PEM")
+    cfg = load(CONSUL_HTTP_TOKEN_FILE=str(tmp_path / "token"), CONSUL_CACERT=str(tmp_path / "ca.pem"),
+               CONSUL_CLIENT_CERT=str(tmp_path / "cert.pem"), CONSUL_CLIENT_KEY=str(tmp_path / "key.pem"))
+    assert cfg.consul.token == "s3cret-token"
+    assert cfg.consul.token_source == f"CONSUL_HTTP_TOKEN_FILE={tmp_path / 'token'}"
+    assert (cfg.consul.cacert, cfg.consul.client_cert, cfg.consul.client_key) == (
+        str(tmp_path / "ca.pem"), str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"))
+
+
+def test_consul_settings_problems_name_the_variable(tmp_path):
+    (tmp_path / "empty").write_text("\n")
+    (tmp_path / "cert.pem").write_text("PEM")
+    assert problems_of({"CONSUL_HTTP_TOKEN_FILE": str(tmp_path / "missing")}) == [
+        f"CONSUL_HTTP_TOKEN_FILE={str(tmp_path / 'missing')!r}: cannot read it (No such file or directory)"]
+    assert problems_of({"CONSUL_HTTP_TOKEN_FILE": str(tmp_path / "empty")}) == [
+        f"CONSUL_HTTP_TOKEN_FILE={str(tmp_path / 'empty')!r}: the file is empty"]
+    assert problems_of({"CONSUL_CACERT": "/nonexistent/ca.pem", "CONSUL_CLIENT_CERT": str(tmp_path / "cert.pem")}) == [
+        "CONSUL_CACERT='/nonexistent/ca.pem': no readable file there (a PEM file)",
+        f"CONSUL_CLIENT_CERT={str(tmp_path / 'cert.pem')!r}: CONSUL_CLIENT_KEY is not set; a client certificate "
+        "needs both"]
 
 
 IB = "mlx5_bond_0,mlx5_bond_1,mlx5_bond_2,mlx5_bond_3"
