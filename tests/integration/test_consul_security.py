@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from fleet_processes import ConsulAgent, ConsulTLS, Router, acl_hcl, http
-from fleet_testing import FLEET_BIN, wait_until
+from fleet_testing import FLEET_BIN
 from sglang_fleet import access
 
 pytestmark = pytest.mark.integration
