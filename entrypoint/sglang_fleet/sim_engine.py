@@ -35,6 +35,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
 
 from sglang_fleet import logs, sim_group, sim_http, sim_kv
 
@@ -87,8 +90,28 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disaggregation-bootstrap-port", type=int, default=8998)
     p.add_argument("--disaggregation-transfer-backend", default="mooncake")
     p.add_argument("--enable-metrics", action="store_true")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--admin-api-key", default=None)
+    p.add_argument("--config", default=None, help="a YAML file of flags, as SGLang's --config (CLI wins)")
     p.add_argument("--sim-startup-delay", type=float, default=None)
     return p
+
+
+def _from_config_file(path: str | None, ns: argparse.Namespace) -> None:
+    """SGLang's --config: a YAML mapping of flag names to values; flags on the command line win.
+    The sim reads only the keys it uses (the API keys)."""
+    if not path:
+        return
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SimArgError(f"--config {path}: cannot read it ({exc})") from None
+    if not isinstance(data, dict):
+        raise SimArgError(f"--config {path}: expected a mapping of flag names to values")
+    for key, value in data.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest in ("api_key", "admin_api_key") and getattr(ns, dest) is None:
+            setattr(ns, dest, str(value))
 
 
 @dataclass(frozen=True)
@@ -112,6 +135,8 @@ class SimArgs:
     token_delay: float
     join_timeout: float
     ignored: list[str] = field(default_factory=list)
+    api_key: str | None = field(default=None, repr=False)
+    admin_api_key: str | None = field(default=None, repr=False)
 
     @property
     def dist_init(self) -> tuple[str, int] | None:
@@ -135,6 +160,7 @@ def parse_args(argv: list[str], env: dict | None = None) -> SimArgs:
     """SGLang argv (+ the sim's env knobs) -> SimArgs. Unknown flags are kept in .ignored."""
     env = os.environ if env is None else env
     ns, ignored = _build_parser().parse_known_args(argv)
+    _from_config_file(ns.config, ns)
     if ns.nnodes < 1:
         raise SimArgError(f"--nnodes {ns.nnodes} must be >= 1")
     if not 0 <= ns.node_rank < ns.nnodes:
@@ -161,7 +187,8 @@ def parse_args(argv: list[str], env: dict | None = None) -> SimArgs:
         context_length=ns.context_length or 4096, disaggregation_mode=ns.disaggregation_mode,
         bootstrap_port=ns.disaggregation_bootstrap_port, transfer_backend=ns.disaggregation_transfer_backend,
         enable_metrics=ns.enable_metrics, startup_delay=delay, token_delay=_env_float(env, ENV_TOKEN_DELAY, 0.0),
-        join_timeout=_env_float(env, ENV_JOIN_TIMEOUT, join_default), ignored=ignored)
+        join_timeout=_env_float(env, ENV_JOIN_TIMEOUT, join_default), ignored=ignored, api_key=ns.api_key,
+        admin_api_key=ns.admin_api_key)
 
 
 def crash_requested(env: dict | None = None) -> bool:

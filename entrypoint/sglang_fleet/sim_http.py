@@ -7,9 +7,13 @@ SGLang's), both counting the requests being served, POST /generate, /v1/completi
 Ranks > 0 (DummyHealthHandler): /health and /health_generate, always 200, like SGLang 0.5.x.
 /version is deliberately absent: smg takes a worker answering /version for vLLM.
 Every answer says it comes from the sim: "sim": true, and generated text starts with SIM_PREFIX.
+With --api-key / --admin-api-key, rank 0 asks for `Authorization: Bearer <key>` as SGLang 0.5.23 does
+(srt/utils/auth.py decide_request_auth): /health*, /ready* and /metrics* never; /flush_cache takes the
+admin key when there is one (ADMIN_OPTIONAL); every other route the API key; 401 {"error": "Unauthorized"}.
 """
 from __future__ import annotations
 
+import hmac
 import json
 import threading
 import time
@@ -165,6 +169,20 @@ class _Base(BaseHTTPRequestHandler):
                               "error": {"message": message, "type": kind, "code": code}, "sim": True})
 
 
+ADMIN_OPTIONAL_PATHS = ("/flush_cache",)  # the ones the sim serves of SGLang's @auth_level(ADMIN_OPTIONAL)
+
+
+def authorized(path: str, header: str | None, api_key: str | None, admin_api_key: str | None) -> bool:
+    """SGLang 0.5.23's decide_request_auth for the routes the sim serves (NORMAL and ADMIN_OPTIONAL)."""
+    if path.startswith(("/health", "/ready", "/metrics")):
+        return True
+    scheme, _, token = (header or "").partition(" ")
+    key = admin_api_key if path in ADMIN_OPTIONAL_PATHS and admin_api_key else api_key
+    if not key:
+        return True
+    return scheme.lower() == "bearer" and hmac.compare_digest(token, key)
+
+
 def metrics_text(server, kv_transfers: int = 0) -> bytes:
     return (f"# sglang-fleet sim engine, not a model\nsglang:num_running_reqs {server.inflight}\n"
             f"sglang:num_queue_reqs 0\nsglang_fleet_sim_requests_total {server.requests}\n"
@@ -193,10 +211,20 @@ class EngineHandler(_Base):
     def engine(self):
         return self.server.engine
 
+    def _refused(self, path: str) -> bool:
+        """Answers 401 as SGLang does when the request lacks the key its route wants."""
+        a = self.engine.args
+        if authorized(path, self.headers.get("Authorization"), a.api_key, a.admin_api_key):
+            return False
+        self.send_json(401, {"error": "Unauthorized"})
+        return True
+
     # -- GET -------------------------------------------------------------------------------
     def do_GET(self):
         path, _, query = self.path.partition("?")
         e = self.engine
+        if self._refused(path):
+            return
         if path in ("/health", "/health_generate", "/ready"):
             if e.ready.is_set():
                 self.send_body(200, b"", "text/plain")
@@ -227,6 +255,8 @@ class EngineHandler(_Base):
                   "/v1/chat/completions": self._chat}
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        if self._refused(path):
+            return
         if path == "/flush_cache":
             return self.send_body(200, b"sim engine: nothing cached", "text/plain")
         if path not in routes:

@@ -149,3 +149,32 @@ def test_stop_signal_never_waits_on_another_thread_and_exits_0():
     with capture_logs() as logs:
         assert engine._finish() == 0
     assert [e["event"] for e in logs] == ["sim engine stopping on SIGTERM"]
+
+
+@pytest.mark.parametrize("path, header, api_key, admin_key, allowed", [
+    ("/generate", None, None, None, True),  # no keys: open, as SGLang without --api-key
+    ("/generate", None, "k", None, False),
+    ("/generate", "Bearer k", "k", None, True),
+    ("/generate", "bearer k", "k", None, True),
+    ("/generate", "Bearer x", "k", None, False),
+    ("/generate", "k", "k", None, False),  # not a bearer header
+    ("/health", None, "k", "a", True),  # probes never need a key
+    ("/health_generate", None, "k", None, True),
+    ("/metrics", None, "k", None, True),
+    ("/flush_cache", "Bearer k", "k", "a", False),  # ADMIN_OPTIONAL: the admin key when there is one
+    ("/flush_cache", "Bearer a", "k", "a", True),
+    ("/flush_cache", "Bearer k", "k", None, True),
+    ("/v1/models", "Bearer a", "k", "a", False),  # NORMAL routes take only the API key
+])
+def test_api_keys_are_checked_as_sglang_does(path, header, api_key, admin_key, allowed):
+    assert sim_http.authorized(path, header, api_key, admin_key) is allowed
+
+
+def test_api_keys_come_from_flags_or_a_config_file_and_flags_win(tmp_path):
+    conf = tmp_path / "engine.yaml"
+    conf.write_text("api-key: from-file\nadmin_api_key: admin-from-file\nmem-fraction-static: 0.8\n")
+    args = parse_args(["--model-path", "m", "--config", str(conf)], env={})
+    assert (args.api_key, args.admin_api_key) == ("from-file", "admin-from-file")
+    args = parse_args(["--model-path", "m", "--config", str(conf), "--api-key", "flag"], env={})
+    assert (args.api_key, args.admin_api_key) == ("flag", "admin-from-file")
+    assert "from-file" not in repr(args)
