@@ -126,6 +126,9 @@ class ConsulAgent:
             # The agent answers before it has synced its own node; wait until it can take a session.
             wait_until(lambda: api.agent_node_name() and self._node_registered(api), timeout,
                        "consul agent to register its node")
+        except BaseException:
+            self.stop()  # a fixture whose start fails never reaches its own cleanup
+            raise
         finally:
             api.close()
 
