@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
                           "docs: regenerate the settings tables of docs/configuration.md")
     p_config.add_argument("--json", action="store_true")
     p_config.add_argument("--docs-file", default=None, help="docs: the file to rewrite (default: the checkout's)")
+    p_acl = sub.add_parser("acl-policy", help="print the Consul ACL policy a node, router or `status` needs "
+                           "(config/acl/, docs/security.md)")
+    p_acl.add_argument("role", choices=("node", "router", "status"))
+    p_acl.add_argument("--cluster", default=None, help="default FLEET_CLUSTER")
+    p_acl.add_argument("--consul-node", default="", help="node name of the Consul agent the nodes talk to "
+                       "(sessions are created on it); node policies need it")
     sub.add_parser("sim-engine", help="CPU stand-in for sglang.launch_server (demos and tests only)",
                    add_help=False)
 
@@ -75,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         return sim_engine.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "acl-policy":
+        from sglang_fleet import access
+        if args.role == "node" and not args.consul_node:
+            parser.error("acl-policy node needs --consul-node (the Consul agent's node name: `consul members`)")
+        cluster = args.cluster or _load_or_exit(cluster_only=True).cluster
+        print(access.render_policy(args.role, cluster, args.consul_node), end="")
+        return 0
     if args.command == "config" and args.action in ("list", "docs"):  # the table, not a configuration
         from sglang_fleet import config_docs
         return config_docs.write(args.docs_file) if args.action == "docs" else config_docs.list_settings(args.json)

@@ -53,8 +53,10 @@ def consul_cli(agent: ConsulAgent, *args: str, stdin: str | None = None) -> str:
 def make_token(agent: ConsulAgent, role: str, cluster: str) -> str:
     """`sglang-fleet acl-policy`'s rendering of config/acl/<role>.hcl, created as docs/security.md says."""
     name = f"sglang-fleet-{role}-{cluster}"
-    consul_cli(agent, "acl", "policy", "create", "-name", name, "-rules", "-",
-               stdin=access.render_policy(role, cluster, AGENT_NODE))
+    policy = subprocess.run([str(FLEET_BIN), "acl-policy", role, "--cluster", cluster, "--consul-node", AGENT_NODE],
+                            capture_output=True, text=True, check=True, timeout=30).stdout
+    assert access.rules(policy), policy
+    consul_cli(agent, "acl", "policy", "create", "-name", name, "-rules", "-", stdin=policy)
     out = consul_cli(agent, "acl", "token", "create", "-policy-name", name, "-format", "json")
     return json.loads(out)["SecretID"]
 
