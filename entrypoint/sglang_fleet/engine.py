@@ -92,6 +92,10 @@ def probe(url: str, timeout: float) -> str | None:
         return f"timed out after {timeout:g} s" if "timed out" in str(reason) else str(reason)
 
 
+def _of_child(name: str) -> property:
+    return property(lambda self: getattr(self.child, name))
+
+
 class Engine:
     def __init__(self, health_url: str, rank: int, *, ready_timeout: float = 1800.0,
                  stop_grace: float = 30.0, probe_interval: float = PROBE_INTERVAL,
@@ -122,39 +126,15 @@ class Engine:
         return cls(f"http://127.0.0.1:{cfg.http_port}/health", rank, ready_timeout=cfg.ready_timeout,
                    stop_grace=cfg.stop_grace, max_starts=cfg.start_attempts, context=context)
 
-    # -- observation (the child's) -----------------------------------------------------------------------
-    @property
-    def state(self) -> State:
-        return self.child.state
-
-    @property
-    def reason(self) -> str:
-        return self.child.reason
-
-    @property
-    def since(self) -> float:
-        """Monotonic time the current state was entered (e.g. when the engine failed)."""
-        return self.child.since
-
-    @property
-    def history(self) -> list[tuple[State, str]]:
-        return self.child.history
-
-    @property
-    def pid(self) -> int | None:
-        return self.child.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self.child.returncode
-
-    @property
-    def starts(self) -> int:
-        return self.child.starts
-
-    @property
-    def failed(self) -> bool:
-        return self.child.failed
+    # -- observation: the child's, read through (see child.Child) ---------------------------------------
+    state = _of_child("state")
+    reason = _of_child("reason")  # the last transition's sentence
+    since = _of_child("since")  # monotonic time the current state was entered (e.g. when it failed)
+    history = _of_child("history")
+    pid = _of_child("pid")
+    returncode = _of_child("returncode")
+    starts = _of_child("starts")  # spawns since it was last RUNNING
+    failed = _of_child("failed")
 
     @property
     def shm_files(self) -> set[str]:
