@@ -103,6 +103,7 @@ class _Run:
     """One spawned process and the threads that pump its output."""
     proc: subprocess.Popen
     pumps: list[threading.Thread] = field(default_factory=list)
+    owner: int = field(default_factory=os.getpid)  # a forked copy of the supervisor must not kill it
 
 
 @dataclass
@@ -350,7 +351,7 @@ def _kill_leftovers() -> None:
     (the death signal would reach only the process it spawned)."""
     for child in list(_LIVE):
         run = child._run
-        if run is not None:
+        if run is not None and run.owner == os.getpid():
             pg.signal_group(run.proc.pid, signal.SIGKILL)
 
 
