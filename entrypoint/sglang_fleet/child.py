@@ -11,7 +11,7 @@ both run through `Child`. The model is supervisord's process.py `Subprocess` and
   child.retry_later(delay) -> str      after a failure: stop it, then BACKOFF for `delay`, or FATAL once
                                        `max_starts` starts in a row failed; start() again when `backoff_over`
   child.state, .reason (the last sentence), .since (monotonic time it was entered), .history, .pid,
-  .returncode, .starts (spawns since it was last RUNNING)
+  .returncode, .starts (spawns in the current series: a start out of BACKOFF continues it; RUNNING ends it)
 
 States, and the only transitions allowed (any other is a bug in the caller: IllegalTransition):
   STOPPED, BACKOFF, FATAL -> STARTING (spawned) | EXITED (could not be spawned)
@@ -20,7 +20,7 @@ States, and the only transitions allowed (any other is a bug in the caller: Ille
   UNHEALTHY -> STOPPING                  alive but failed: only a stop ends it
   EXITED    -> STOPPING                  what is left of its group; STOPPED/BACKOFF/FATAL when nothing was spawned
   STOPPING  -> STOPPED | BACKOFF | FATAL once no live process is left in its group
-  BACKOFF   -> STOPPED                   stop() while waiting to start again
+  BACKOFF, FATAL -> STOPPED              stop(): whatever the state, a finished stop leaves the child STOPPED
 
 Every child runs in a session of its own (its own process group: a signal to ours never reaches it, and a
 stop reaches all of it); gets an environment built explicitly, `inherited_env()` plus what its owner adds;
@@ -68,7 +68,7 @@ _NOT_SPAWNED = {State.STARTING, State.EXITED}
 _TRANSITIONS: dict[State, frozenset[State]] = {
     State.STOPPED: frozenset(_NOT_SPAWNED),
     State.BACKOFF: frozenset(_NOT_SPAWNED | {State.STOPPED}),
-    State.FATAL: frozenset(_NOT_SPAWNED),
+    State.FATAL: frozenset(_NOT_SPAWNED | {State.STOPPED}),
     State.STARTING: frozenset({State.RUNNING, State.UNHEALTHY, State.EXITED, State.STOPPING}),
     State.RUNNING: frozenset({State.UNHEALTHY, State.EXITED, State.STOPPING}),
     State.UNHEALTHY: frozenset({State.STOPPING}),
@@ -194,8 +194,8 @@ class Child:
         """Spawns `argv` (env: `inherited_env()` unless the owner built one) in its own session, to be
         SIGKILLed by the kernel when the calling thread ends. Never blocks on it."""
         self._check(State.STARTING, f"start {argv[0] if argv else '?'}")
-        if self.state is State.FATAL:
-            self.starts = 0  # an explicit start out of FATAL begins a new series, as in supervisord
+        if self.state is not State.BACKOFF:
+            self.starts = 0  # only a start out of BACKOFF continues a series; STOPPED or FATAL begin one
         self.starts += 1
         self.returncode = self.retry_at = None
         try:
@@ -266,6 +266,8 @@ class Child:
         if run is None:  # nothing spawned, or its group is gone already
             if self.state is State.BACKOFF and then is State.STOPPED:
                 return self._change(State.STOPPED, f"{self.name} stopped (it was waiting to start again)")
+            if self.state is State.FATAL and then is State.STOPPED:
+                return self._change(State.STOPPED, f"{self.name} stopped ({self.reason})")
             if self.state is State.EXITED:  # nothing was spawned
                 return self._settle(then, f"{self.name} stopped ({self.reason})" if then is State.STOPPED else "",
                                     delay, failure)

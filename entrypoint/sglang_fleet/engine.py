@@ -133,7 +133,7 @@ class Engine:
     history = _of_child("history")
     pid = _of_child("pid")
     returncode = _of_child("returncode")
-    starts = _of_child("starts")  # spawns since it was last RUNNING
+    starts = _of_child("starts")  # spawns in the current series of retried starts
     failed = _of_child("failed")
 
     @property

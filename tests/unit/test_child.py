@@ -171,6 +171,20 @@ def test_retry_later_backs_off_then_gives_up_after_max_starts(children):
     assert child.reason.endswith("2 start(s) in a row failed, giving up") and child.failed
     child.start(SLEEPER)  # an explicit start out of FATAL begins a new series
     assert child.state is State.STARTING and child.starts == 1
+    child.stop_and_wait()
+    child.start(failing)  # and so does one out of STOPPED
+    assert child.starts == 1
+    poll_until(child, State.EXITED)
+    child.retry_later(0.2)
+    with pytest.raises(IllegalTransition):
+        child.retry_later(0.2)  # it is no longer a failed child: stopping or backing off
+    poll_until(child, State.BACKOFF)
+    eventually(lambda: child.backoff_over)
+    child.start(failing)
+    poll_until(child, State.EXITED)
+    child.retry_later(0.2)
+    poll_until(child, State.FATAL)
+    assert child.stop().startswith("child stopped (") and child.state is State.STOPPED  # a stop always ends STOPPED
 
 
 def test_stop_during_backoff_stops_for_good(children):
