@@ -14,7 +14,8 @@ module directly.
   `.terminate()`, `.wait_exit()`, `.engine_pids()`; `.group(name, nnodes)` starts a whole group.
   `.cleanup()` SIGKILLs every supervisor and every process below it (engines run in their own process
   groups: the tree is read from /proc).
-- `Router(consul_addr, cluster, workdir, **env)`: `sglang-fleet router` with smg on 127.0.0.1.
+- `Router(consul_addr, cluster, workdir, port=None, prom_port=None, **env)`: `sglang-fleet router` with smg
+  on 127.0.0.1 (on free ports unless given).
 - `http(method, url, body)`: one JSON request with a deadline, no proxy.
 
 Environment: FLEET_CONSUL_BIN (default: the path `scripts/install-consul` prints).
@@ -426,13 +427,17 @@ def answers(url: str) -> bool:
         return False
 
 
+_router_seq = itertools.count(1)
+
+
 class Router:
     """`sglang-fleet router` as a process, with its smg on 127.0.0.1."""
 
-    def __init__(self, consul_addr: str, cluster: str, workdir: Path, **env):
-        self.port, self.prom_port = free_port(), free_port()
+    def __init__(self, consul_addr: str, cluster: str, workdir: Path, port: int | None = None,
+                 prom_port: int | None = None, **env):
+        self.port, self.prom_port = port or free_port(), prom_port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / f"router-{self.port}.log"
+        self.log_path = workdir / f"router-{self.port}-{next(_router_seq)}.log"  # a port may be used again
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "CONSUL_"))}
         self.env.update({"FLEET_ROLE": "router", "CONSUL_HTTP_ADDR": consul_addr, "FLEET_CLUSTER": cluster,
                          "FLEET_NODE_NAME": f"router-{self.port}", "FLEET_ROUTER_HOST": "127.0.0.1",

@@ -1,6 +1,7 @@
-"""OS plumbing for a supervised child and its process group: the kernel kills it with its supervisor
-(PR_SET_PDEATHSIG), signals reach the whole group, and "gone" means no live member left (zombies
-reparented to a PID 1 that does not reap are not alive)."""
+"""OS plumbing for a supervised child and its process group (child.py decides when; this only does): the
+kernel kills it with its supervisor (PR_SET_PDEATHSIG), signals reach the whole group, and "gone" means no
+live member left (zombies reparented to a PID 1 that does not reap are not alive). Also the /dev/shm files
+a group leaves behind (engine.py)."""
 from __future__ import annotations
 
 import ctypes
@@ -9,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from typing import Iterator
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -32,7 +32,7 @@ _PRCTL = _load_prctl()
 
 
 def die_with_parent_thread(parent_pid: int):
-    """preexec_fn for the engine: SIGKILL when the spawning thread dies (None where prctl is missing)."""
+    """preexec_fn for a supervised child: SIGKILL when the spawning thread dies (None where prctl is missing)."""
     if _PRCTL is None:
         return None
 
@@ -81,20 +81,16 @@ def group_alive(pgid: int) -> bool:
                for _, fields in stats)
 
 
-def wait_group_gone(proc: subprocess.Popen, pgid: int, deadline: float) -> bool:
-    """True once no live process is left in the group (reaping our own child and orphans first)."""
-    while True:
-        if proc.poll() is not None:  # reap our own child first: it counts while a zombie
-            reap_orphans(pgid)
-        if not group_alive(pgid):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
+def group_gone(proc: subprocess.Popen, pgid: int) -> bool:
+    """One look: True once no live process is left in the group (our own child and orphans are reaped
+    first, since a zombie still counts as a member)."""
+    if proc.poll() is not None:
+        reap_orphans(pgid)
+    return not group_alive(pgid)
 
 
 def reap_orphans(pgid: int) -> None:
-    """When we are PID 1 or a subreaper, orphaned engine processes become our children: reap them."""
+    """When we are PID 1 or a subreaper, orphaned processes of a child's group become our children: reap them."""
     while True:
         try:
             pid, _ = os.waitpid(-pgid, os.WNOHANG)
@@ -152,5 +148,5 @@ def remove_files(paths: set[str]) -> tuple[int, int]:
     return count, size
 
 
-__all__ = ["die_with_parent_thread", "group_pids", "remove_files", "shm_files_of", "group_alive", "proc_stats", "reap_orphans", "signal_group",
-           "wait_group_gone"]
+__all__ = ["die_with_parent_thread", "group_alive", "group_gone", "group_pids", "proc_stats", "reap_orphans",
+           "remove_files", "shm_files_of", "signal_group"]

@@ -9,7 +9,9 @@ hand are left alone. The router registers itself in Consul as `sglang-router`.
 
 One thread decides (the loop in `RouterAgent.run`); the Consul watch and smg's output pump only record.
 Consul unreachable: the last known set stays in force (smg keeps its workers) and the watch retries.
-smg exited: it is started again with backoff and the whole list is added again.
+smg exited: it is started again with backoff and the whole list is added again. smg never outlives the
+agent: every way out of `run()` stops it, and a kill -9 of the agent takes it along (its death signal,
+child.py).
 
 Mode (`FLEET_ROUTER_MODE`): `pd` starts smg with --pd-disaggregation and adds prefill/decode groups;
 `regular` adds regular groups; `auto` (default) follows the roles registered in the cluster: pd while
@@ -267,13 +269,16 @@ class RouterAgent:
         self._stop.wait(delay)
 
     def _shutdown(self, api, consul_error) -> None:
+        """Every way out of run(): out of Consul first (clients stop coming), then smg, whatever happened.
+        A kill -9 skips this; then smg's death signal takes it along (smg_process.py)."""
         self._stop.set()
         try:
             api.deregister_service(self.service_id)
             self.log.info("deregistered from consul", id=self.service_id)
         except consul_error as e:
             self.log.warning("could not deregister the router from consul", error=str(e))
-        self.smg.stop()
+        finally:
+            self.smg.stop()
 
 
 def advertise_addr(cfg: FleetConfig) -> str:

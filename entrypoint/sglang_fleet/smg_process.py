@@ -1,28 +1,28 @@
 """smg (the SGLang Model Gateway) as a child process: its command line, start, readiness, stop.
 
-smg runs in its own process group so that stopping it never leaves helpers behind; its output is read
-line by line and re-emitted as structlog events (smg is started with --log-json, so each line keeps its
-level and message).
+The process is a child.Child, as the engine's is: its own process group (stopping it never leaves helpers
+behind), the death signal (a kill -9 of the router agent takes smg along, so no orphan keeps serving a
+frozen worker list or holds the ports a restarted agent needs), the same environment policy. Its output
+is read line by line and re-emitted as structlog events (smg is started with --log-json, so each line
+keeps its level and message).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 from sglang_fleet import logs
+from sglang_fleet.child import Child, State, inherited_env
 from sglang_fleet.config import FleetConfig
 from sglang_fleet.smg_client import SmgClient
 
 READY_TIMEOUT = 60.0  # smg answers within a second or two; more means it is broken
 STOP_MARGIN = 5.0  # seconds after smg's own shutdown grace (FLEET_ROUTER_SHUTDOWN_GRACE) before SIGKILL
-_SECRET_ENV = ("CONSUL_HTTP_TOKEN",)
 _LEVELS = {"TRACE": "debug", "DEBUG": "debug", "INFO": "info", "WARN": "warning", "WARNING": "warning",
            "ERROR": "error"}
 
@@ -63,11 +63,9 @@ def smg_argv(cfg: FleetConfig, mode: str, binary: str) -> list[str]:
 
 
 def smg_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: ours without our own settings and secrets."""
-    base = dict(os.environ if base is None else base)
-    env = {k: v for k, v in base.items() if not k.startswith("FLEET_") and k not in _SECRET_ENV}
-    env["NO_COLOR"] = "1"
-    return env
+    """The child's environment: ours without our own settings and secrets (child.inherited_env, the
+    engine's policy too), and no colour codes in its log lines."""
+    return {**inherited_env(base), "NO_COLOR": "1"}
 
 
 def _loopback_url(cfg: FleetConfig) -> str:
@@ -80,7 +78,8 @@ def _loopback_url(cfg: FleetConfig) -> str:
 
 
 class SmgProcess:
-    """One smg child at a time. start() blocks until smg answers (or raises SmgStartFailed)."""
+    """One smg child at a time. start() blocks until smg answers (or raises SmgStartFailed); call it from
+    the router loop's thread (the death signal is bound to the thread that spawns smg)."""
 
     def __init__(self, cfg: FleetConfig, binary: str | None = None):
         self.cfg = cfg
@@ -88,37 +87,37 @@ class SmgProcess:
         self.client = SmgClient(_loopback_url(cfg), cfg.router_api_key)
         self.mode: str | None = None
         self.started_at = 0.0
-        self._proc: subprocess.Popen | None = None
+        # SIGKILL only after smg's own shutdown grace (FLEET_ROUTER_SHUTDOWN_GRACE), so it finishes what is
+        # in flight first.
+        self.child = Child("smg", stop_grace=cfg.router_shutdown_grace + STOP_MARGIN, on_line=_emit,
+                           logger="router.smg")
         self._log = logs.get("router.smg")
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self.child.pid
 
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self.child.poll() in (State.STARTING, State.RUNNING)
 
     def returncode(self) -> int | None:
-        return None if self._proc is None else self._proc.poll()
+        return self.child.returncode
 
     def start(self, mode: str, stop_event: threading.Event | None = None) -> None:
         self.stop()
         argv = smg_argv(self.cfg, mode, self.binary)
         shown = [("***" if i and argv[i - 1] == "--api-key" else a) for i, a in enumerate(argv)]
         self._log.info("starting smg", argv=shown, mode=mode)
-        try:
-            proc = subprocess.Popen(argv, env=smg_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        except OSError as e:
-            raise SmgStartFailed(f"cannot run {self.binary}: {e.strerror or e}") from None
-        self._proc, self.mode, self.started_at = proc, mode, time.monotonic()
-        threading.Thread(target=_pump, args=(proc.stdout, self._log), name="smg-output", daemon=True).start()
+        self.child.start(argv, smg_env())
+        if self.child.state is State.EXITED:
+            raise SmgStartFailed(f"cannot run {self.binary}: {self.child.reason}")
+        self.mode, self.started_at = mode, time.monotonic()
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SmgStartFailed(f"smg exited with status {proc.returncode} while starting")
+            if self.child.poll() is State.EXITED:
+                raise SmgStartFailed(f"smg exited with status {self.child.returncode} while starting")
             if self.client.alive(timeout=1.0):
-                self._log.info("smg is answering", pid=proc.pid, url=self.client.base_url, mode=mode)
+                self.child.ready("smg is answering", pid=self.pid, url=self.client.base_url, mode=mode)
                 return
             if stop_event is not None and stop_event.wait(0.1):
                 raise SmgStartFailed("shutdown requested while smg was starting")
@@ -126,59 +125,28 @@ class SmgProcess:
         self.stop()
         raise SmgStartFailed(f"smg did not answer on {self.client.base_url} within {READY_TIMEOUT:.0f} s")
 
-    def stop(self, grace: float | None = None) -> None:
+    def stop(self, grace: float | None = None) -> str:
         """SIGTERM to smg's process group, then SIGKILL after `grace` (default: smg's own shutdown grace plus
-        STOP_MARGIN, so smg finishes what is in flight first); reaps. Idempotent."""
-        grace = self.cfg.router_shutdown_grace + STOP_MARGIN if grace is None else grace
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self._log.warning("smg ignored SIGTERM; killing it", pid=proc.pid, grace=grace)
-        _signal_group(proc.pid, signal.SIGKILL)  # helpers it may have left in its group
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a process that survives SIGKILL
-            self._log.error("smg did not exit after SIGKILL", pid=proc.pid)
-        self._log.info("smg stopped", pid=proc.pid, returncode=proc.returncode)
+        STOP_MARGIN); waits until the group is gone. Idempotent."""
+        return self.child.stop_and_wait(grace)
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def _emit(log, _stream: str, line: str) -> None:
+    """One line of smg's -> structlog. JSON lines keep their level and message; others are logged as-is."""
+    line = line.rstrip()
+    if not line:
+        return
     try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _pump(stream, log) -> None:
-    """smg's lines -> structlog. JSON lines keep their level and message; others are logged as-is."""
-    try:
-        for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                rec = None
-            if isinstance(rec, dict) and "message" in rec:
-                level = _LEVELS.get(str(rec.get("level", "INFO")).upper(), "info")
-                extra = {k: v for k, v in rec.items()
-                         if k not in ("message", "level", "timestamp", "filename", "line_number", "event")}
-                getattr(log, level)("smg_output", line=rec["message"], **extra)
-            else:
-                log.info("smg_output", line=line)
-    except (OSError, ValueError):
-        pass
-    finally:
-        try:
-            stream.close()
-        except OSError:
-            pass
+        rec = json.loads(line)
+    except ValueError:
+        rec = None
+    if isinstance(rec, dict) and "message" in rec:
+        level = _LEVELS.get(str(rec.get("level", "INFO")).upper(), "info")
+        extra = {k: v for k, v in rec.items()
+                 if k not in ("message", "level", "timestamp", "filename", "line_number", "event")}
+        getattr(log, level)("smg_output", line=rec["message"], **extra)
+    else:
+        log.info("smg_output", line=line)
 
 
 __all__ = ["SmgProcess", "SmgStartFailed", "find_smg_binary", "smg_argv", "smg_env"]

@@ -9,6 +9,7 @@
   the list.
 - Consul down: smg keeps its workers; Consul back (empty): the router registers itself again.
 - API key: clients without it get 401; the agent manages the guarded worker API with it.
+- kill -9 of the agent: smg goes with it (its whole process group), and a new agent binds the same ports.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import pytest
 
 from fleet_processes import CLIENT_TIMEOUT, Router, answers, http
 from fleet_testing import FLEET_BIN, free_port, wait_until
+from sglang_fleet.process_group import group_alive
 
 pytestmark = pytest.mark.integration
 
@@ -208,3 +210,21 @@ def test_api_key_guards_clients_and_the_agent_uses_it(supervisors, start_router)
     assert http("POST", router.url + "/generate", body)[0] == 401
     status, answer = http("POST", router.url + "/generate", body, key="s3cret")
     assert status == 200, answer
+
+
+# ---- the agent's death -------------------------------------------------------------------------------------
+def test_kill9_of_the_router_agent_takes_smg_along(start_router):
+    """smg never outlives the agent: no orphan routing with a frozen worker list, no port held."""
+    router = start_router(FLEET_ROUTER_MODE="regular")
+    smg = wait_until(lambda: router.events("smg is answering") and router.smg_pid(), 60, "smg to answer")
+    assert answers(router.url + "/liveness")
+    os.kill(router.proc.pid, signal.SIGKILL)
+    router.proc.wait(timeout=10)
+    wait_until(lambda: not group_alive(smg), 10, "smg's whole process group to be gone")
+    assert not answers(router.url + "/liveness")
+
+    # Its ports are free: a new agent's smg binds the same ones.
+    again = start_router(port=router.port, prom_port=router.prom_port, FLEET_ROUTER_MODE="regular")
+    wait_until(lambda: again.events("smg is answering"), 60, "the new agent's smg to answer")
+    assert answers(again.url + "/liveness")
+    assert again.stop() == 0

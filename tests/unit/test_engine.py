@@ -278,6 +278,44 @@ def test_stop_sends_sigkill_after_grace_to_an_engine_ignoring_sigterm(new_engine
     assert not alive(child) and not alive(grandchild)
 
 
+def test_stop_without_waiting_is_finished_by_poll(new_engine, fake, tmp_path):
+    """The node loop may stop an engine and go on with its cycles: poll() escalates and reaps."""
+    ignoring, gc_file = tmp_path / "ignoring", tmp_path / "grandchild"
+    engine = new_engine(rank=1)
+    engine.start(fake("--ignore-term-file", str(ignoring), "--grandchild-file", str(gc_file)))
+    grandchild = int(eventually(lambda: gc_file.exists() and ignoring.exists() and gc_file.read_text()))
+    pid = engine.pid
+    assert engine.stop(grace=0.5, wait=False) == (f"stopping engine pid {pid}: SIGTERM to its process group, "
+                                                  f"0.5 s grace")
+    assert engine.state is EngineState.STOPPING and alive(pid)
+    eventually(lambda: engine.poll() is EngineState.STOPPED)
+    assert "with SIGKILL after 0.5 s grace" in engine.reason
+    assert not alive(pid) and not alive(grandchild)
+
+
+def test_a_failed_start_backs_off_and_poll_starts_it_again(new_engine, fake, tmp_path):
+    count = tmp_path / "count"
+    engine = new_engine(rank=0, max_starts=2)
+    engine.start(fake("--serve", "--count-file", str(count), "--fail-first", "1"))
+    eventually(lambda: engine.poll() is EngineState.EXITED)
+    engine.retry_later(0.1)
+    eventually(lambda: engine.poll() is EngineState.RUNNING)  # the same launch, started again by poll()
+    assert count.read_text().split() == ["start", "start"]
+    assert [s for s, _ in engine.history] == [EngineState.STARTING, EngineState.EXITED, EngineState.STOPPING,
+                                              EngineState.BACKOFF, EngineState.STARTING, EngineState.RUNNING]
+    assert engine.history[3][1].endswith("starting again in 0.1 s (start 2/2)")
+
+
+def test_a_failed_start_with_the_starts_spent_is_fatal(new_engine, fake):
+    engine = new_engine(rank=0, max_starts=1)
+    engine.start(fake("--exit-code", "1"))
+    eventually(lambda: engine.poll() is EngineState.EXITED)
+    engine.retry_later(0.1)
+    eventually(lambda: engine.poll() is EngineState.FATAL)
+    assert engine.reason.startswith("engine exited with code 1 before ready; engine stopped after SIGTERM")
+    assert engine.reason.endswith("1 start(s) in a row failed, giving up") and engine.failed
+
+
 def test_stop_is_idempotent(new_engine, fake):
     engine = new_engine()
     assert engine.stop() == "engine not started"
@@ -314,7 +352,7 @@ def test_from_config_takes_the_supervision_settings():
     cfg = FleetConfig(http_port=31000, ready_timeout=60.0, stop_grace=3.0)
     engine = Engine.from_config(cfg, 1, group="g", generation=3)
     assert engine.health_url == "http://127.0.0.1:31000/health"
-    assert (engine.ready_timeout, engine.stop_grace) == (60.0, 3.0)
+    assert (engine.ready_timeout, engine.stop_grace, engine.child.max_starts) == (60.0, 3.0, cfg.start_attempts)
     assert engine.context == {"rank": 1, "group": "g", "generation": 3}
 
 
