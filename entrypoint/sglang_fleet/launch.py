@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from sglang_fleet import netprofile
+from sglang_fleet import child, netprofile
 from sglang_fleet.config import ConfigError, FleetConfig, parse_cpu_list
 
 SGLANG_MODULE = "sglang.launch_server"
@@ -48,9 +48,6 @@ FLAG_ALIASES = {
 # malloc). Each one is preloaded only where it is installed.
 CPU_PRELOADS = ("libiomp5.so", "libtcmalloc.so.4", "libtbbmalloc.so.2")
 SYSTEM_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib")
-STRIPPED_PREFIXES = ("FLEET_", "CONSUL_")  # the supervisor's own settings, secrets included
-
-
 
 @dataclass(frozen=True)
 class EngineLaunch:
@@ -152,8 +149,7 @@ def _show(value: Any) -> str:
 def engine_env(cfg: FleetConfig, advertise_addr: str, parent_env: Mapping[str, str] | None,
                profile: netprofile.NetProfile, proc_root: str = "/proc") -> tuple[dict[str, str], list[str]]:
     """The engine's complete environment and notes (profile choice, user values that won)."""
-    parent = os.environ if parent_env is None else parent_env
-    env = {k: v for k, v in parent.items() if not k.startswith(STRIPPED_PREFIXES)}
+    env = child.inherited_env(parent_env)  # the one policy every child of the supervisor gets
     notes: list[str] = []
     notes.append(f"NCCL profile {profile.name} ({profile.reason})")
     wanted = dict(profile.env)
