@@ -271,12 +271,12 @@ class ConsulAPI:
     def authorize(self, rights: list[tuple[str, str, str]]) -> list[bool] | None:
         """Whether this token holds each (resource, segment, access), e.g. ("key", "sglang-fleet/x/", "write"),
         asked of Consul's own ACL resolver (POST /v1/internal/acl/authorize, the endpoint Consul's UI uses;
-        Consul >= 1.7). None when this Consul cannot tell (an older one, or a 404)."""
+        Consul >= 1.7). None when there is nothing to check (ACLs off) or this Consul cannot tell (a 404)."""
         body = [{"Resource": r, "Segment": s, "Access": a} for r, s, a in rights]
         try:
             answer = self._c.http.post(consul.callback.CB.json(), "/v1/internal/acl/authorize",
                                        data=json.dumps(body))
-        except consul.NotFound:
+        except (consul.NotFound, consul.ACLDisabled):
             return None
         return [bool(item.get("Allow")) for item in answer]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet_testing import free_port
 from sglang_fleet import consul_api as ca
 from sglang_fleet import doctor
 from sglang_fleet import rendezvous as rdv
@@ -23,9 +24,8 @@ NO_SMI = "sglang-fleet-test-no-nvidia-smi"
 
 
 def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, never the same as one handed out before (a test takes several)."""
+    return free_port()
 
 
 def cfg_of(**env):
