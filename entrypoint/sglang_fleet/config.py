@@ -207,6 +207,8 @@ def load_config(env: Mapping[str, str] | None = None, *, cluster_only: bool = Fa
         values["node_name"] = socket.gethostname().split(".")[0]
     if not values["group"] and values["nnodes"] == 1:
         values["group"] = values["node_name"]
+    if values["router_api_key"] is None:  # smg hands the client's key on to the engines: the same one
+        values["router_api_key"] = values["engine_api_key"]
 
     cfg = FleetConfig(**values, consul=_consul(env, problems))
     problems.extend(validate(cfg, cluster_only=cluster_only))

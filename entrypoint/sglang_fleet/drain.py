@@ -22,6 +22,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from sglang_fleet.engine import engine_request
+
 ROUTER_PICKUP = 2.0  # seconds: the router's quiet window (0.5 s) + smg's worker removal, with margin
 POLL_EVERY = 0.5  # seconds between load reads
 LOAD_TIMEOUT = 2.0  # seconds for one load read
@@ -60,16 +62,17 @@ def in_flight(path: str, body: Any) -> int:
         raise LoadUnavailable(f"unexpected answer from {path.split('?')[0]}: {exc!r}") from None
 
 
-def _get_json(url: str, timeout: float) -> Any:
-    with _OPENER.open(url, timeout=timeout) as resp:
+def _get_json(url: str, timeout: float, api_key: str | None) -> Any:
+    with _OPENER.open(engine_request(url, api_key), timeout=timeout) as resp:
         return json.loads(resp.read() or b"null")
 
 
-def requests_in_flight(base_url: str, timeout: float = LOAD_TIMEOUT) -> int:
-    """Asks the engine at `base_url` (http://127.0.0.1:<port>) how many requests it is serving."""
+def requests_in_flight(base_url: str, timeout: float = LOAD_TIMEOUT, api_key: str | None = None) -> int:
+    """Asks the engine at `base_url` (http://127.0.0.1:<port>) how many requests it is serving; `api_key`:
+    FLEET_ENGINE_API_KEY (the load routes are guarded by it)."""
     for path in (V1_LOADS, GET_LOAD):
         try:
-            return in_flight(path, _get_json(base_url + path, timeout))
+            return in_flight(path, _get_json(base_url + path, timeout, api_key))
         except urllib.error.HTTPError as exc:
             if exc.code == 404 and path == V1_LOADS:
                 continue  # an older SGLang: /get_load

@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 from sglang_fleet import process_group as pg
-from sglang_fleet.child import FAILED, Child, State, daemon_thread
+from sglang_fleet import secret_files
+from sglang_fleet.child import FAILED, Child, State, daemon_thread, log_output
 
 PROBE_INTERVAL = 0.5  # seconds between readiness probes while STARTING
 PROBE_TIMEOUT = 20.0  # SGLang's /health generates one token; a busy server may take a while
@@ -80,10 +81,15 @@ class _Probe:
     shm_seen_at: float = 0.0
 
 
-def probe(url: str, timeout: float) -> str | None:
+def engine_request(url: str, api_key: str | None = None) -> urllib.request.Request:
+    """A GET of the engine, with its API key (FLEET_ENGINE_API_KEY) when there is one."""
+    return urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+
+
+def probe(url: str, timeout: float, api_key: str | None = None) -> str | None:
     """None when `url` answers 200, else a short description of what went wrong."""
     try:
-        with _OPENER.open(url, timeout=timeout) as resp:
+        with _OPENER.open(engine_request(url, api_key), timeout=timeout) as resp:
             return None if resp.status == 200 else f"HTTP {resp.status}"
     except urllib.error.HTTPError as e:
         return f"HTTP {e.code}"
@@ -101,8 +107,9 @@ class Engine:
                  stop_grace: float = 30.0, probe_interval: float = PROBE_INTERVAL,
                  probe_timeout: float = PROBE_TIMEOUT, health_interval: float = HEALTH_INTERVAL,
                  health_failures: int = HEALTH_FAILURES, max_starts: int | None = None,
-                 context: Mapping[str, Any] | None = None):
+                 context: Mapping[str, Any] | None = None, api_key: str | None = None):
         self.health_url = health_url
+        self.api_key = api_key  # SGLang keeps /health open; sent anyway, so a guarded probe path works too
         self.rank = rank
         self.ready_timeout = ready_timeout
         self.stop_grace = stop_grace
@@ -117,14 +124,16 @@ class Engine:
         # ShutdownReq, which never comes once rank 0 is gone, so the whole group gets it (docs/engine.md).
         self.child = Child("engine", stop_grace=stop_grace, leader="launch_server", term_leader_first=rank == 0,
                            max_starts=max_starts, on_gone=self._remove_shm, logger="sglang_fleet.engine",
-                           context=self.context)
+                           context=self.context, on_line=self._output)
         self._probe: _Probe | None = None
         self._launch: Launch | None = None
+        self._redact = secret_files.redactor(())
 
     @classmethod
     def from_config(cls, cfg, rank: int, **context: Any) -> "Engine":
         return cls(f"http://127.0.0.1:{cfg.http_port}/health", rank, ready_timeout=cfg.ready_timeout,
-                   stop_grace=cfg.stop_grace, max_starts=cfg.start_attempts, context=context)
+                   stop_grace=cfg.stop_grace, max_starts=cfg.start_attempts, context=context,
+                   api_key=cfg.engine_api_key)
 
     # -- observation: the child's, read through (see child.Child) ---------------------------------------
     state = _of_child("state")
@@ -146,6 +155,10 @@ class Engine:
         """Spawns the engine (child.Child.start: own session, death signal bound to the calling thread) and
         its prober. Never blocks on it."""
         self._launch = launch
+        self._redact = secret_files.redactor(getattr(launch, "secrets", ()))
+        secret = getattr(launch, "secret_file", None)
+        if secret:  # the API keys for SGLang's --config; removed once it is ready or gone (_forget_secret)
+            secret_files.write_private(*secret)
         sentence = self.child.start(launch.argv, launch.env)
         if self.child.state is State.STARTING:
             run = self._probe = _Probe(alive=self.child.alive, pgid=self.child.pid)
@@ -160,7 +173,7 @@ class Engine:
             if run.ready_at is not None and self.rank != 0:
                 run.done.wait(self.health_interval)  # the dummy health server of ranks > 0 always says 200;
                 continue  # poll() watches the process
-            error = probe(self.health_url, self.probe_timeout)
+            error = probe(self.health_url, self.probe_timeout, self.api_key)
             if run.ready_at is None:
                 if error is None:
                     run.ready_at = time.monotonic()
@@ -196,7 +209,19 @@ class Engine:
             self.child.unhealthy(f"engine stuck: /health failed {run.failures} times (last: {run.last_error})")
         elif self.child.backoff_over:
             self.start(self._launch)
+        if self.child.state is not State.STARTING:
+            self._forget_secret()  # SGLang read it while parsing its arguments
         return self.child.state
+
+    def _forget_secret(self) -> None:
+        secret = getattr(self._launch, "secret_file", None)
+        if secret:
+            secret_files.remove(secret[0])
+
+    def _output(self, log, stream: str, line: str) -> None:
+        """An output line as an `engine_output` event, without the API keys (SGLang logs its resolved
+        server arguments, keys included)."""
+        log_output(log, stream, self._redact(line), "engine_output")
 
     # -- stop --------------------------------------------------------------------------------------------
     def stop(self, grace: float | None = None, wait: bool = True) -> str:
@@ -204,6 +229,7 @@ class Engine:
         to the group; reaps; removes its /dev/shm files. Idempotent. wait=False returns at once (STOPPING)
         and poll() finishes the stop."""
         self._stopping()
+        self._forget_secret()
         return self.child.stop_and_wait(grace) if wait else self.child.stop(grace)
 
     def retry_later(self, delay: float) -> str:
@@ -227,4 +253,4 @@ class Engine:
         return f"; removed {removed} file(s) it left in /dev/shm ({freed / (1 << 20):.0f} MiB)" if removed else ""
 
 
-__all__ = ["Engine", "EngineState", "FAILED_STATES", "probe"]
+__all__ = ["Engine", "EngineState", "FAILED_STATES", "engine_request", "probe"]

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from sglang_fleet import child, netprofile
+import yaml
+
+from sglang_fleet import child, netprofile, secret_files
 from sglang_fleet.config import ConfigError, FleetConfig, parse_cpu_list
 
 SGLANG_MODULE = "sglang.launch_server"
@@ -54,6 +56,21 @@ class EngineLaunch:
     argv: list[str]
     env: dict[str, str]
     warnings: list[str] = field(default_factory=list)
+    # (path, YAML text): the engine's API keys for SGLang's --config, written 0600 by the Engine before the
+    # start and removed once the engine is ready or gone. Kept out of reprs (logs).
+    secret_file: tuple[Path, str] | None = field(default=None, repr=False)
+    secrets: tuple[str, ...] = field(default=(), repr=False)  # what the engine's output must not show
+
+
+def key_config(cfg: FleetConfig) -> tuple[Path, str] | None:
+    """The engine's API keys as SGLang's --config YAML (flag names as keys; SGLang merges it under the command
+    line), at a path named after the engine's port; None without keys."""
+    keys = {"api-key": cfg.engine_api_key, "admin-api-key": cfg.engine_admin_api_key}
+    keys = {flag: key for flag, key in keys.items() if key}
+    if not keys:
+        return None
+    path = secret_files.runtime_path(f"sglang-fleet-engine-{cfg.http_port}.keys.yaml")
+    return path, yaml.safe_dump(keys)
 
 
 def net_profile(cfg: FleetConfig) -> netprofile.NetProfile:
@@ -123,6 +140,9 @@ def engine_flags(cfg: FleetConfig, rank: int, nnodes: int, dist_init_addr: str,
                          f"{_show(flags[canonical])}")
         flags[canonical] = value
 
+    keys = key_config(cfg)
+    if keys:
+        flags["config"] = str(keys[0])
     # Appended last so they are easy to spot; the engine always listens on every interface.
     flags["host"] = "0.0.0.0"
     flags["port"] = str(cfg.http_port)
@@ -252,7 +272,8 @@ def build_launch(cfg: FleetConfig, rank: int, nnodes: int, dist_init_addr: str, 
                             f"reach it (set FLEET_ADVERTISE_ADDR, or CONSUL_HTTP_ADDR to a remote agent)")
     except ValueError:
         pass
-    return EngineLaunch(argv=argv, env=env, warnings=warnings)
+    return EngineLaunch(argv=argv, env=env, warnings=warnings, secret_file=key_config(cfg),
+                        secrets=tuple(k for k in (cfg.engine_api_key, cfg.engine_admin_api_key) if k))
 
 
 __all__ = ["EngineLaunch", "FLAG_ALIASES", "build_launch", "cpu_threads_bind", "engine_cores", "parse_cpu_list",

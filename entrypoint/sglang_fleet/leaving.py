@@ -114,7 +114,8 @@ class Leaving:
         withdrew = self._withdraw_serving()
         self.serving_closed = True
         base_url = f"http://127.0.0.1:{self.cfg.http_port}"
-        self.drain = dr.Drain(lambda: dr.requests_in_flight(base_url), self.cfg.drain_timeout)
+        key = self.cfg.engine_api_key
+        self.drain = dr.Drain(lambda: dr.requests_in_flight(base_url, api_key=key), self.cfg.drain_timeout)
         self.drain_outcome = None
         return f"{why}: {withdrew}; {self.drain.start()}"
 

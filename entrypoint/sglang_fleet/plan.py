@@ -19,7 +19,7 @@ from sglang_fleet.launch import build_launch
 
 # Flags are matched word by word (`--api-key` yes, `--max-prefill-tokens` no).
 SECRET_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
-SECRET_FLAG_WORDS = frozenset({"token", "key", "apikey", "secret", "password", "passwd", "credential",
+SECRET_FLAG_WORDS = frozenset({"token", "key", "keys", "apikey", "secret", "password", "passwd", "credential",
                                "credentials"})
 REDACTED = "***"
 

@@ -29,7 +29,7 @@ import tenacity
 from sglang_fleet import logs
 from sglang_fleet.config import FleetConfig
 from sglang_fleet.router_state import ROLE_BY_MODE, DesiredWorker, choose_mode, desired_from_services, reconcile
-from sglang_fleet.smg_client import SmgClient, SmgConflict, SmgError
+from sglang_fleet.smg_client import SmgClient, SmgConflict, SmgError, remove_admin_key, write_admin_key
 from sglang_fleet.retry import backoff
 
 SERVICE = "sglang"
@@ -153,10 +153,10 @@ class RouterAgent:
         for d in add:
             try:
                 if d.url in replaced:
-                    client.replace_worker(by_url[d.url].id, d.body())
+                    client.replace_worker(by_url[d.url].id, d.body(self.cfg.engine_api_key))
                     done.append(f"replaced {d.worker_type} {d.url} (group {d.group} generation {d.generation})")
                 else:
-                    client.add_worker(d.body())
+                    client.add_worker(d.body(self.cfg.engine_api_key))
                     done.append(f"added {d.worker_type} {d.url} (group {d.group} generation {d.generation})")
             except SmgConflict as e:  # still being added, or still draining: the next resync retries
                 self.log.debug("add deferred", url=d.url, reason=str(e))
@@ -167,15 +167,18 @@ class RouterAgent:
         return sentence
 
     def _register(self, api, mode: str) -> None:
-        addr = advertise_addr(self.cfg)
+        from sglang_fleet.smg_process import router_scheme
+        addr, scheme = advertise_addr(self.cfg), router_scheme(self.cfg)
+        host = f"[{addr}]" if ":" in addr else addr
         api.register_service(
             ROUTER_SERVICE, self.service_id, address=addr, port=self.cfg.router_port,
             tags=[f"cluster:{self.cfg.cluster}", mode],
-            meta={"cluster": self.cfg.cluster, "node": self.cfg.node_name, "mode": mode,
+            meta={"cluster": self.cfg.cluster, "node": self.cfg.node_name, "mode": mode, "scheme": scheme,
                   "prometheus_port": str(self.cfg.router_prometheus_port)},
+            # The check only asks whether smg answers; whose certificate it shows is for clients to verify.
             checks=[{"CheckID": self.service_id, "Name": "smg liveness",
-                     "HTTP": f"http://{addr}:{self.cfg.router_port}/liveness", "Interval": "5s",
-                     "Timeout": "3s", "DeregisterCriticalServiceAfter": "1m"}])
+                     "HTTP": f"{scheme}://{host}:{self.cfg.router_port}/liveness", "Interval": "5s",
+                     "TLSSkipVerify": scheme == "https", "Timeout": "3s", "DeregisterCriticalServiceAfter": "1m"}])
         self._registered_mode = mode
         self.log.info("registered in consul", service=ROUTER_SERVICE, id=self.service_id, address=addr,
                       port=self.cfg.router_port, mode=mode)
@@ -193,11 +196,12 @@ class RouterAgent:
         from sglang_fleet.consul_api import ConsulError
         from sglang_fleet.smg_process import SmgStartFailed
         api = self._consul_factory(self.cfg.consul)
-        threading.Thread(target=self._watch, name="consul-watch", daemon=True).start()
         quiet = self.cfg.router_quiet_window
         resync_at, seen_seq, dirty, unanswered = 0.0, -1, True, 0
         applied: set[str] = set()  # URLs of the groups routed at the last apply
         try:
+            self._keep_admin_key()
+            threading.Thread(target=self._watch, name="consul-watch", daemon=True).start()
             while not self._stop.is_set():
                 state = self._desired()
                 mode = choose_mode(self.cfg.router_mode, state[1] if state else (), self.smg.mode)
@@ -258,6 +262,15 @@ class RouterAgent:
             self._shutdown(api, ConsulError)
         return 0
 
+    def _keep_admin_key(self) -> None:
+        """smg's admin key, 0600 in admin_key_path(port), so `sglang-fleet status` on this host can list smg's
+        workers; removed on every way out (_shutdown)."""
+        try:
+            path = write_admin_key(self.cfg.router_port, self.smg.admin_key)
+            self.log.info("smg's admin key kept for status on this host", path=str(path))
+        except OSError as e:
+            self.log.warning("cannot keep smg's admin key for status on this host", error=str(e))
+
     def _after_smg_exit(self) -> None:
         """Logs the exit; when smg keeps dying soon after starting, waits an exponential backoff
         (retry.backoff: backoff_base doubling up to backoff_max, with jitter) first."""
@@ -279,6 +292,7 @@ class RouterAgent:
             self.log.warning("could not deregister the router from consul", error=str(e))
         finally:
             self.smg.stop()
+            remove_admin_key(self.cfg.router_port, self.smg.admin_key)
 
 
 def advertise_addr(cfg: FleetConfig) -> str:

@@ -29,9 +29,11 @@ class DesiredWorker:
         return {MANAGED_BY: MANAGED_VALUE, LABEL_CLUSTER: self.cluster, LABEL_GROUP: self.group,
                 LABEL_GENERATION: self.generation, LABEL_SERVICE_ID: self.service_id}
 
-    def body(self) -> dict[str, Any]:
-        """The JSON body of POST/PUT /workers."""
+    def body(self, api_key: str | None = None) -> dict[str, Any]:
+        """The JSON body of POST/PUT /workers; `api_key`: the engines' key, which smg sends the worker."""
         body: dict[str, Any] = {"url": self.url, "worker_type": self.worker_type, "labels": self.labels()}
+        if api_key:
+            body["api_key"] = api_key
         if self.worker_type == "prefill" and self.bootstrap_port is not None:
             body["bootstrap_port"] = self.bootstrap_port
         return body

@@ -1,15 +1,18 @@
 """What each router of a cluster routes to, beside what Consul says is passing (for `sglang-fleet status`).
 
 `router_view(api, cfg)` finds the routers through their `sglang-router` registrations, asks each smg for
-its workers and compares them with the passing `sglang` services of the cluster; every difference is a
+its workers (with FLEET_ROUTER_ADMIN_KEY, else the key the agent on this host keeps in
+smg_client.admin_key_path(port); a router elsewhere answers 401 and that is shown) and compares them with the passing `sglang` services of the cluster; every difference is a
 sentence in `differences`. `format_router_view(view)` turns it into lines for a terminal.
 """
 from __future__ import annotations
 
+import os
+import ssl
 from typing import Any
 
 from sglang_fleet.config import FleetConfig
-from sglang_fleet.smg_client import SmgClient, SmgError
+from sglang_fleet.smg_client import SmgClient, SmgError, read_admin_key
 
 
 def _compare(desired, workers, cluster: str, mode: str | None) -> list[str]:
@@ -39,6 +42,16 @@ def _compare(desired, workers, cluster: str, mode: str | None) -> list[str]:
     return diffs
 
 
+def _tls(cfg: FleetConfig) -> ssl.SSLContext:
+    """The admin key goes only to a router whose certificate checks out: against the system's CAs, and on
+    the router's own host against its certificate (FLEET_ROUTER_TLS_CERT)."""
+    ctx = ssl.create_default_context()
+    if cfg.router_tls_cert and os.access(cfg.router_tls_cert, os.R_OK):
+        ctx.load_verify_locations(cfg.router_tls_cert)
+        ctx.verify_flags |= getattr(ssl, "VERIFY_X509_PARTIAL_CHAIN", 0)  # a leaf certificate as the anchor
+    return ctx
+
+
 def router_view(api, cfg: FleetConfig, timeout: float = 3.0) -> dict[str, Any]:
     """{"cluster", "consul": [passing services], "routers": [{"id", "url", "mode", "passing", "error",
     "workers": [...], "unmanaged": [...], "differences": [...]}], "ok"}. Raises ConsulError when Consul
@@ -56,13 +69,16 @@ def router_view(api, cfg: FleetConfig, timeout: float = 3.0) -> dict[str, Any]:
     for entry in routers:
         svc, node = entry.get("Service") or {}, entry.get("Node") or {}
         host = svc.get("Address") or node.get("Address") or "127.0.0.1"
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{svc.get('Port')}"
-        mode = (svc.get("Meta") or {}).get("mode")
+        meta = svc.get("Meta") or {}
+        scheme = "https" if meta.get("scheme") == "https" else "http"
+        url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{svc.get('Port')}"
+        mode = meta.get("mode")
         passing = all(c.get("Status") == "passing" for c in entry.get("Checks") or [])
         rv: dict[str, Any] = {"id": svc.get("ID"), "url": url, "mode": mode, "passing": passing, "error": None,
                               "workers": [], "unmanaged": [], "differences": []}
         try:
-            workers = SmgClient(url, cfg.router_api_key, timeout).list_workers()
+            key = cfg.router_admin_key or read_admin_key(int(svc.get("Port") or 0))
+            workers = SmgClient(url, key, timeout, tls=_tls(cfg) if scheme == "https" else None).list_workers()
         except SmgError as e:
             rv["error"] = str(e)
             rv["differences"].append(f"router {url} cannot be asked for its workers: {e}")

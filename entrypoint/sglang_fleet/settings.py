@@ -274,9 +274,17 @@ class FleetConfig:
         "engine", (), "Extra SGLang arguments, shell-quoted (a YAML mapping {flag: value} in presets and "
         "FLEET_CONFIG). Merged flag by flag over the lower layers (preset < config file < env); in YAML "
         "`flag: false` drops an inherited flag. They win over sglang-fleet's own flags, except the reserved ones "
-        "(--nnodes, --node-rank, --dist-init-addr, --tp-size, --model-path, --host, --port, --disaggregation-*) "
-        "which have FLEET_* settings. The guide's old spellings are rewritten (see the flag mapping).",
+        "(--nnodes, --node-rank, --dist-init-addr, --tp-size, --model-path, --host, --port, --disaggregation-*, --api-key, "
+        "--admin-api-key) which have FLEET_* settings. The guide's old spellings are rewritten (see the flag mapping).",
         "--chunked-prefill-size 8192 --disable-radix-cache", parse=_engine_args)
+    engine_api_key: str | None = setting(
+        "engine", None, "SGLang's --api-key: every engine route but /health*, /ready* and /metrics wants "
+        "`Authorization: Bearer <key>`. Set it on every node and on the router (which hands it to smg for the "
+        "engines). Reaches the engine in a 0600 --config file, never its command line.", "...", secret=True)
+    engine_admin_api_key: str | None = setting(
+        "engine", None, "SGLang's --admin-api-key: the key of the engine's admin routes (/flush_cache, weight "
+        "updates, profiling, ...); without it SGLang refuses the admin-only ones to everybody.", "...",
+        secret=True)
     engine_python: str = setting("engine", "python3", "Interpreter that runs `-m sglang.launch_server` (the one "
                                  "with SGLang installed; the sim engine always uses sglang-fleet's own).",
                                  "/opt/venv/bin/python")
@@ -318,8 +326,19 @@ class FleetConfig:
         "pd", ROUTER_MODES)
     router_policy: str = setting("router", "cache_aware", "smg load-balancing policy.", "round_robin",
                                  ROUTER_POLICIES)
-    router_api_key: str | None = setting("router", None, "API key smg requires from clients (--api-key).",
-                                         "s3cret", secret=True)
+    router_api_key: str | None = setting(
+        "router", None, "API key smg requires from clients on the OpenAI routes (smg --api-key). Defaults to "
+        "FLEET_ENGINE_API_KEY, and may not differ from it: smg forwards the client's key to the engines "
+        "(docs/security.md).", "s3cret", secret=True)
+    router_admin_key: str | None = setting(
+        "router", None, "smg's control-plane admin key (`--control-plane-api-keys`): the only key smg's worker "
+        "API (`/workers`) accepts. Unset: the router agent makes a new one at every start. The agent keeps it "
+        "in a 0600 file for `sglang-fleet status` on the same host (docs/security.md).", "...", secret=True)
+    router_tls_cert: str | None = setting(
+        "router", None, "PEM certificate smg serves HTTPS with (--tls-cert-path; with FLEET_ROUTER_TLS_KEY).",
+        "/etc/sglang-fleet/router.pem")
+    router_tls_key: str | None = setting(
+        "router", None, "Private key of FLEET_ROUTER_TLS_CERT (--tls-key-path).", "/etc/sglang-fleet/router-key.pem")
     router_prometheus_port: int = setting("router", 29000, "smg's own Prometheus port.", "29000")
     router_health_interval: int = setting("router", 10, "smg's worker health-check interval in seconds.", "10")
     router_health_timeout: int = setting(

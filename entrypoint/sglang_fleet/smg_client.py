@@ -11,14 +11,23 @@ What smg 1.13 does, as seen on a live `smg launch` (see docs/configuration.md, "
   settle time), is no longer routed to, then disappears. An id that is not a UUID -> 400.
 - With `--api-key`, every route except the probes (/health, /liveness, /readiness) wants
   `Authorization: Bearer <key>`.
+- With `--control-plane-api-keys id:name:admin:<key>`, `/workers` takes only that admin key (401 without a
+  key, 401/403 with another, the client key included). The router agent starts smg with a key of its own and
+  keeps it in `admin_key_path(port)` (0600) for `sglang-fleet status` on the same host.
+- smg hands the client's bearer token on to the worker, else its own `--api-key`, else the `api_key` given
+  for the worker at `POST /workers`; so the client key and the engines' key must be one key.
 """
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
+
+from sglang_fleet import secret_files
 
 # Labels on workers this appliance added. A worker without MANAGED_BY=MANAGED_VALUE is never touched.
 MANAGED_BY = "managed-by"
@@ -75,12 +84,15 @@ class RouterWorker:
 
 
 class SmgClient:
-    """Talks to one smg. Thread-safe (no shared connection state)."""
+    """Talks to one smg. Thread-safe (no shared connection state). `api_key`: the control-plane admin key for
+    /workers; `tls`: the SSL context for an https:// smg."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 5.0):
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 5.0,
+                 tls: ssl.SSLContext | None = None):
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
+        self.tls = tls
 
     def _request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
@@ -90,7 +102,7 @@ class SmgClient:
         if self.api_key:
             req.add_header("Authorization", f"Bearer {self.api_key}")
         try:
-            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout, context=self.tls) as resp:
                 return resp.status, _decode(resp.read())
         except urllib.error.HTTPError as e:
             payload = _decode(e.read())
@@ -132,6 +144,28 @@ class SmgClient:
         self._request("DELETE", f"/workers/{worker_id}")
 
 
+# ---- the admin key on this host ------------------------------------------------------------------------
+def admin_key_path(port: int) -> Path:
+    """Where the router agent listening on `port` keeps smg's admin key while it runs."""
+    return secret_files.runtime_path(f"sglang-fleet-router-{port}.admin-key")
+
+
+def write_admin_key(port: int, key: str) -> Path:
+    """The key, 0600, at admin_key_path(port) (secret_files.write_private). OSError when impossible."""
+    return secret_files.write_private(admin_key_path(port), key + "\n")
+
+
+def read_admin_key(port: int) -> str | None:
+    """The admin key of the router agent on this host at `port`, or None (no agent here, or not readable)."""
+    return secret_files.read_private(admin_key_path(port))
+
+
+def remove_admin_key(port: int, key: str) -> None:
+    """Removes the key file if it still holds `key` (not a newer agent's)."""
+    if read_admin_key(port) == key:
+        secret_files.remove(admin_key_path(port))
+
+
 def _decode(raw: bytes) -> Any:
     if not raw:
         return None
@@ -143,5 +177,6 @@ def _decode(raw: bytes) -> Any:
 
 __all__ = [
     "LABEL_CLUSTER", "LABEL_GENERATION", "LABEL_GROUP", "LABEL_SERVICE_ID", "MANAGED_BY", "MANAGED_VALUE",
-    "RouterWorker", "SmgClient", "SmgConflict", "SmgError",
+    "RouterWorker", "SmgClient", "SmgConflict", "SmgError", "admin_key_path", "read_admin_key", "remove_admin_key",
+    "write_admin_key",
 ]

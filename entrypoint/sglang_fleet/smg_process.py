@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+import ssl
 import sys
 import threading
 import time
 from pathlib import Path
 
-from sglang_fleet import logs
+from sglang_fleet import logs, secret_files
 from sglang_fleet.child import Child, State, inherited_env
 from sglang_fleet.config import FleetConfig
+from sglang_fleet.plan import redact_argv
 from sglang_fleet.smg_client import SmgClient
 
 READY_TIMEOUT = 60.0  # smg answers within a second or two; more means it is broken
+ADMIN_KEY_ID = "sglang-fleet"  # the id of the agent's key among smg's control-plane keys
 STOP_MARGIN = 5.0  # seconds after smg's own shutdown grace (FLEET_ROUTER_SHUTDOWN_GRACE) before SIGKILL
 _LEVELS = {"TRACE": "debug", "DEBUG": "debug", "INFO": "info", "WARN": "warning", "WARNING": "warning",
            "ERROR": "error"}
@@ -42,8 +46,9 @@ def find_smg_binary(env: dict[str, str] | None = None) -> str:
     return shutil.which("smg") or "smg"
 
 
-def smg_argv(cfg: FleetConfig, mode: str, binary: str) -> list[str]:
-    """The full smg command line for `mode` ("pd" or "regular"). FLEET_ROUTER_ARGS come last (win)."""
+def smg_argv(cfg: FleetConfig, mode: str, binary: str, admin_key: str) -> list[str]:
+    """The full smg command line for `mode` ("pd" or "regular"). FLEET_ROUTER_ARGS come last (win).
+    The keys are on it (smg takes them no other way) only until smg renames itself "smg::router"."""
     argv = [binary, "launch", "--host", cfg.router_host, "--port", str(cfg.router_port),
             "--policy", cfg.router_policy, "--prometheus-port", str(cfg.router_prometheus_port),
             "--health-check-interval-secs", str(cfg.router_health_interval),
@@ -54,6 +59,9 @@ def smg_argv(cfg: FleetConfig, mode: str, binary: str) -> list[str]:
         argv.append("--pd-disaggregation")
     if cfg.router_api_key:
         argv += ["--api-key", cfg.router_api_key]
+    argv += ["--control-plane-api-keys", f"{ADMIN_KEY_ID}:sglang-fleet router agent:admin:{admin_key}"]
+    if cfg.router_tls_cert:
+        argv += ["--tls-cert-path", cfg.router_tls_cert, "--tls-key-path", cfg.router_tls_key]
     for flag, value in cfg.router_args:
         argv.append(f"--{flag}")
         if value is True:
@@ -68,13 +76,27 @@ def smg_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return {**inherited_env(base), "NO_COLOR": "1"}
 
 
+def router_scheme(cfg: FleetConfig) -> str:
+    return "https" if cfg.router_tls_cert else "http"
+
+
 def _loopback_url(cfg: FleetConfig) -> str:
     host = cfg.router_host
     if host in ("0.0.0.0", "", "::"):
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{cfg.router_port}"
+    return f"{router_scheme(cfg)}://{host}:{cfg.router_port}"
+
+
+def _own_smg_tls(cfg: FleetConfig) -> ssl.SSLContext | None:
+    """The agent talks to its own child over loopback: its certificate names the advertised host, not
+    127.0.0.1, so it is not verified there."""
+    if not cfg.router_tls_cert:
+        return None
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    return ctx
 
 
 class SmgProcess:
@@ -84,13 +106,16 @@ class SmgProcess:
     def __init__(self, cfg: FleetConfig, binary: str | None = None):
         self.cfg = cfg
         self.binary = binary or find_smg_binary()
-        self.client = SmgClient(_loopback_url(cfg), cfg.router_api_key)
+        # The control-plane admin key: the only key smg's /workers takes; one per agent unless configured.
+        self.admin_key = cfg.router_admin_key or secrets.token_urlsafe(32)
+        self.client = SmgClient(_loopback_url(cfg), self.admin_key, tls=_own_smg_tls(cfg))
         self.mode: str | None = None
         self.started_at = 0.0
         # SIGKILL only after smg's own shutdown grace (FLEET_ROUTER_SHUTDOWN_GRACE), so it finishes what is
         # in flight first.
-        self.child = Child("smg", stop_grace=cfg.router_shutdown_grace + STOP_MARGIN, on_line=_emit,
-                           logger="router.smg")
+        redact = secret_files.redactor([self.admin_key, cfg.router_api_key, cfg.engine_api_key])
+        self.child = Child("smg", stop_grace=cfg.router_shutdown_grace + STOP_MARGIN,
+                           on_line=lambda log, stream, line: _emit(log, stream, redact(line)), logger="router.smg")
         self._log = logs.get("router.smg")
 
     @property
@@ -105,9 +130,8 @@ class SmgProcess:
 
     def start(self, mode: str, stop_event: threading.Event | None = None) -> None:
         self.stop()
-        argv = smg_argv(self.cfg, mode, self.binary)
-        shown = [("***" if i and argv[i - 1] == "--api-key" else a) for i, a in enumerate(argv)]
-        self._log.info("starting smg", argv=shown, mode=mode)
+        argv = smg_argv(self.cfg, mode, self.binary, self.admin_key)
+        self._log.info("starting smg", argv=redact_argv(argv), mode=mode)
         self.child.start(argv, smg_env())
         if self.child.state is State.EXITED:
             raise SmgStartFailed(f"cannot run {self.binary}: {self.child.reason}")
@@ -149,4 +173,4 @@ def _emit(log, _stream: str, line: str) -> None:
         log.info("smg_output", line=line)
 
 
-__all__ = ["SmgProcess", "SmgStartFailed", "find_smg_binary", "smg_argv", "smg_env"]
+__all__ = ["SmgProcess", "SmgStartFailed", "find_smg_binary", "router_scheme", "smg_argv", "smg_env"]

@@ -4,6 +4,7 @@ the checks need live here."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 
 from sglang_fleet.settings import FleetConfig
@@ -19,6 +20,9 @@ RESERVED_ENGINE_FLAGS = {
     "host": "sglang-fleet (always 0.0.0.0)", "disaggregation-mode": "FLEET_ROLE",
     "disaggregation-transfer-backend": "FLEET_TRANSFER_BACKEND",
     "disaggregation-bootstrap-port": "FLEET_BOOTSTRAP_PORT",
+    # Secrets: on the command line they would show in `ps` and in SGLang's logged launch command.
+    "api-key": "FLEET_ENGINE_API_KEY (or FLEET_ENGINE_API_KEY_FILE)",
+    "admin-api-key": "FLEET_ENGINE_ADMIN_API_KEY (or FLEET_ENGINE_ADMIN_API_KEY_FILE)",
 }
 PREFILL_ONLY_ENGINE_FLAGS = frozenset({"chunked-prefill-size", "max-prefill-tokens",
                                        "disaggregation-bootstrap-port"})
@@ -53,9 +57,38 @@ def validate_config(cfg: FleetConfig, cluster_only: bool = False) -> list[str]:
     if cfg.advertise_addr and not _host_like(cfg.advertise_addr):
         p.append(f"FLEET_ADVERTISE_ADDR={cfg.advertise_addr!r}: must be an IP address or host name, without "
                  f"scheme or port (e.g. 10.0.0.12)")
+    p.extend(_validate_keys(cfg))
+    if cfg.is_router:
+        p.extend(_validate_router_tls(cfg))
     if cfg.is_router or cluster_only:
         return p
     p.extend(_validate_node(cfg))
+    return p
+
+
+def _validate_keys(cfg: FleetConfig) -> list[str]:
+    """Secrets are never shown, only named."""
+    p: list[str] = []
+    if cfg.router_api_key and cfg.engine_api_key and cfg.router_api_key != cfg.engine_api_key:
+        p.append("FLEET_ROUTER_API_KEY: differs from FLEET_ENGINE_API_KEY; smg hands the client's key on to the "
+                 "engines, so the two must be equal (leave FLEET_ROUTER_API_KEY unset: it defaults to the engine's)")
+    if (cfg.engine_api_key or cfg.engine_admin_api_key) and any(flag == "config" for flag, _ in cfg.sglang_args):
+        p.append("FLEET_SGLANG_ARGS: --config cannot be combined with FLEET_ENGINE_API_KEY or "
+                 "FLEET_ENGINE_ADMIN_API_KEY (sglang-fleet hands the keys to SGLang in a --config file of its own; "
+                 "SGLang takes one); put those flags in FLEET_SGLANG_ARGS instead")
+    return p
+
+
+def _validate_router_tls(cfg: FleetConfig) -> list[str]:
+    p: list[str] = []
+    cert, key = cfg.router_tls_cert, cfg.router_tls_key
+    if bool(cert) != bool(key):
+        have, missing = ("FLEET_ROUTER_TLS_CERT", "FLEET_ROUTER_TLS_KEY") if cert else ("FLEET_ROUTER_TLS_KEY",
+                                                                                          "FLEET_ROUTER_TLS_CERT")
+        p.append(f"{have}={cert or key!r}: {missing} is not set; smg's HTTPS listener needs both")
+    for env, path in (("FLEET_ROUTER_TLS_CERT", cert), ("FLEET_ROUTER_TLS_KEY", key)):
+        if path and not os.access(path, os.R_OK):
+            p.append(f"{env}={path!r}: no readable file there (a PEM file)")
     return p
 
 

@@ -322,3 +322,61 @@ def test_config_list_shows_every_setting_by_section(capsys):
     text = capsys.readouterr().out
     assert text.index("# Router role") < text.index("FLEET_ROUTER_PORT (router_port) = 8000: ") < text.index(
         "# Consul") < text.index("CONSUL_HTTP_SSL = False: Use HTTPS.")
+
+
+# ---------------------------------------------------------------- keys and the router's TLS (docs/security.md)
+
+def test_the_router_key_defaults_to_the_engine_key_and_keys_come_from_files(tmp_path):
+    key_file = tmp_path / "engine.key"
+    key_file.write_text("ek\n")
+    cfg = load(FLEET_ENGINE_API_KEY_FILE=str(key_file), FLEET_ENGINE_ADMIN_API_KEY="adm")
+    assert (cfg.engine_api_key, cfg.router_api_key, cfg.engine_admin_api_key) == ("ek", "ek", "adm")
+    assert load(FLEET_ROUTER_API_KEY="rk").router_api_key == "rk"  # no engine key: any client key
+    assert load(FLEET_ROUTER_API_KEY="ek", FLEET_ENGINE_API_KEY="ek").router_api_key == "ek"
+    assert "ek" not in repr(cfg) and "adm" not in repr(cfg)
+
+
+@pytest.mark.parametrize("role", ["router", "regular"])
+def test_a_router_key_that_differs_from_the_engine_key_is_refused_without_showing_either(role):
+    [problem] = problems_of({"FLEET_ROLE": role, "FLEET_ROUTER_API_KEY": "rk-123", "FLEET_ENGINE_API_KEY": "ek-456"})
+    assert problem.startswith("FLEET_ROUTER_API_KEY: differs from FLEET_ENGINE_API_KEY")
+    assert "rk-123" not in problem and "ek-456" not in problem
+
+
+def test_router_tls_needs_both_readable_files(tmp_path):
+    cert = tmp_path / "router.pem"
+    cert.write_text("x")
+    assert problems_of({"FLEET_ROLE": "router", "FLEET_ROUTER_TLS_CERT": str(cert)}) == [
+        f"FLEET_ROUTER_TLS_CERT={str(cert)!r}: FLEET_ROUTER_TLS_KEY is not set; smg's HTTPS listener needs both"]
+    missing = tmp_path / "nope.pem"
+    assert problems_of({"FLEET_ROLE": "router", "FLEET_ROUTER_TLS_CERT": str(cert),
+                        "FLEET_ROUTER_TLS_KEY": str(missing)}) == [
+        f"FLEET_ROUTER_TLS_KEY={str(missing)!r}: no readable file there (a PEM file)"]
+
+
+@pytest.mark.parametrize("args, setting", [("--api-key x", "FLEET_ENGINE_API_KEY"),
+                                           ("--admin-api-key=x", "FLEET_ENGINE_ADMIN_API_KEY")])
+def test_engine_keys_on_the_command_line_are_reserved(args, setting):
+    [problem] = problems_of({"FLEET_SGLANG_ARGS": args})
+    assert problem.startswith(f"FLEET_SGLANG_ARGS: --{args[2:].split()[0].split('=')[0]} is set by sglang-fleet; "
+                              f"use {setting} (or {setting}_FILE)")
+
+
+def test_a_config_file_of_the_user_conflicts_with_the_engine_keys():
+    assert load(FLEET_SGLANG_ARGS="--config /etc/sglang.yaml").sglang_args == (("config", "/etc/sglang.yaml"),)
+    [problem] = problems_of({"FLEET_SGLANG_ARGS": "--config /etc/sglang.yaml", "FLEET_ENGINE_API_KEY": "k"})
+    assert problem.startswith("FLEET_SGLANG_ARGS: --config cannot be combined with FLEET_ENGINE_API_KEY")
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"FLEET_ROLE": "router", "FLEET_ROUTER_API_KEY": "a", "FLEET_ENGINE_API_KEY": "b"},
+     "FLEET_ROUTER_API_KEY: differs from FLEET_ENGINE_API_KEY"),
+    ({"FLEET_ROLE": "router", "FLEET_ROUTER_TLS_KEY": "/etc/hosts"}, "FLEET_ROUTER_TLS_CERT is not set"),
+    ({"FLEET_SGLANG_ARGS": "--api-key k"}, "--api-key is set by sglang-fleet; use FLEET_ENGINE_API_KEY"),
+])
+def test_key_and_tls_mistakes_exit_78_with_one_line(env, expected):
+    proc = run_cli({**BASE, **env}, "config", "check")
+    assert proc.returncode == EX_CONFIG
+    problems = [ln for ln in proc.stderr.splitlines() if ln.startswith("  - ")]
+    assert len(problems) == 1 and expected in problems[0], proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -35,7 +35,10 @@ FAKE_ENGINE = textwrap.dedent('''
     ap.add_argument("--shm-file")         # create and map a /dev/shm file, as SGLang's CPU all-reduce does
     ap.add_argument("--graceful-file")    # like SGLang's rank 0: on SIGTERM note whether the grandchild
                                           # still lives, stop it, exit 0
+    ap.add_argument("--config")           # like SGLang: read it while parsing, log what it held
     a = ap.parse_args()
+    if a.config:
+        print("server_args=" + open(a.config).read().replace("\\n", " "), flush=True)
     starts = 0
     if a.count_file:
         with open(a.count_file, "a") as f:
@@ -98,6 +101,8 @@ FAKE_ENGINE = textwrap.dedent('''
 class Launch:
     argv: list[str]
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    secret_file: tuple[Path, str] | None = None
+    secrets: tuple[str, ...] = ()
 
 
 @pytest.fixture
@@ -338,6 +343,26 @@ def test_output_lines_become_log_events_with_context(new_engine, fake):
     sentences = [e["event"] for e in events if "state" in e]
     assert sentences[0] == f"engine started pid {engine.history[0][1].split()[-1]}"
     assert "engine exited with code 0 before ready" in sentences
+
+
+def test_the_key_file_lives_only_while_the_engine_starts_and_the_key_never_reaches_the_log(new_engine, fake,
+                                                                                          tmp_path):
+    ready, keys = tmp_path / "ready", tmp_path / "keys.yaml"
+    engine = new_engine(rank=0, api_key="k-123")
+    launch = fake("--serve", "--ready-file", str(ready), "--config", str(keys))
+    launch.secret_file, launch.secrets = (keys, "api-key: k-123\n"), ("k-123",)
+    with capture_logs() as events:
+        engine.start(launch)
+        assert keys.stat().st_mode & 0o777 == 0o600
+        eventually(lambda: any(e["event"] == "engine_output" for e in events))
+        assert engine.poll() is EngineState.STARTING and keys.exists()
+        ready.touch()
+        assert wait_ready(engine, deadline=time.monotonic() + 10) is EngineState.RUNNING
+        assert not keys.exists()  # read while the arguments were parsed; not left on disk
+        engine.stop()
+    lines = [e["line"] for e in events if e["event"] == "engine_output"]
+    assert "server_args=api-key: *** " in lines
+    assert "k-123" not in repr(events)
 
 
 def test_missing_executable_is_a_failed_start(new_engine):

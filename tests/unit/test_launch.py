@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sglang_fleet import launch, netprofile
 from sglang_fleet.config import load_config, preset_names
@@ -296,3 +297,17 @@ def test_bad_device_and_cpu_cores_are_config_errors():
     assert info.value.problems == [
         "FLEET_DEVICE='gpu': must be one of cuda, cpu",
         "FLEET_CPU_CORES='0-x': '0-x' is not a core number or a range (a Linux CPU list, e.g. 0-31,64-95)"]
+
+
+# ---------------------------------------------------------------- the engine's API keys
+
+def test_engine_keys_go_in_a_config_file_never_on_the_command_line_or_in_the_environment():
+    cfg = cfg_of(model_path="m", engine_api_key="ek-1", engine_admin_api_key="adm-2", http_port=30123)
+    spec = build(cfg, parent={"FLEET_ENGINE_API_KEY": "ek-1", "PATH": "/bin"})
+    path, text = spec.secret_file
+    assert flags(spec.argv)["config"] == str(path) and path.name == "sglang-fleet-engine-30123.keys.yaml"
+    assert yaml.safe_load(text) == {"api-key": "ek-1", "admin-api-key": "adm-2"}  # SGLang's flag names
+    assert not {"ek-1", "adm-2"} & set(spec.argv) and "ek-1" not in spec.env.values()
+    assert set(spec.secrets) == {"ek-1", "adm-2"} and "ek-1" not in repr(spec)
+    plain = build(cfg_of(model_path="m"))
+    assert plain.secret_file is None and "config" not in flags(plain.argv)

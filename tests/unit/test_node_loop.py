@@ -286,8 +286,8 @@ def loads(monkeypatch):
     """The engine's answers to 'how many requests in flight' (the last one repeats); no router pickup wait."""
     values: list = [0]
     monkeypatch.setattr(dr, "ROUTER_PICKUP", 0.0)
-    monkeypatch.setattr(dr, "requests_in_flight", lambda url, timeout=2.0: values.pop(0) if len(values) > 1
-                        else values[0])
+    monkeypatch.setattr(dr, "requests_in_flight",
+                        lambda url, timeout=2.0, api_key=None: values.pop(0) if len(values) > 1 else values[0])
     return values
 
 
