@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from fleet_testing import FLEET_BIN, descendants, emit_json, free_port, kill_quietly  # noqa: E402
+from sglang_fleet.smg_client import read_admin_key  # noqa: E402
 
 BIN = Path(sys.executable).parent
 FLEET = str(FLEET_BIN)
@@ -42,9 +43,10 @@ SMG = os.environ.get("FLEET_SMG_BIN") or str(BIN / "smg")
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def http(method: str, url: str, body=None, timeout: float = 5.0):
+def http(method: str, url: str, body=None, timeout: float = 5.0, key: str | None = None):
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with _OPENER.open(req, timeout=timeout) as resp:
             status, raw = resp.status, resp.read()
@@ -158,7 +160,9 @@ def generate_ok(router: str) -> bool:
 
 
 def listed(router: str, url: str) -> dict | None:
-    status, body = http("GET", router + "/workers")
+    """The worker at `url` as `router` lists it; an agent's smg wants the admin key the agent keeps."""
+    port = int(router.rsplit(":", 1)[1])
+    status, body = http("GET", router + "/workers", key=read_admin_key(port))
     if status != 200 or not body:
         return None
     return next((w for w in body.get("workers", []) if w.get("url") == url), None)

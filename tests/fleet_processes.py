@@ -27,6 +27,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -41,6 +42,7 @@ from fleet_testing import FLEET_BIN, descendants, free_port, kill_quietly, wait_
 from sglang_fleet.config import ConsulSettings
 from sglang_fleet.consul_api import ConsulAPI, ConsulError
 from sglang_fleet.process_group import remove_files, shm_files_of
+from sglang_fleet.smg_client import read_admin_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -401,13 +403,14 @@ class Supervisors:
 CLIENT_TIMEOUT = 20.0  # every request through the router has a deadline: an outage must not hang a client
 
 
-def http(method: str, url: str, body=None, timeout: float = CLIENT_TIMEOUT, key: str | None = None) -> tuple[int, object]:
+def http(method: str, url: str, body=None, timeout: float = CLIENT_TIMEOUT, key: str | None = None,
+         tls: ssl.SSLContext | None = None) -> tuple[int, object]:
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=tls))
     try:
         with opener.open(req, timeout=timeout) as resp:
             raw = resp.read()
@@ -436,7 +439,13 @@ class Router:
     def __init__(self, consul_addr: str, cluster: str, workdir: Path, port: int | None = None,
                  prom_port: int | None = None, **env):
         self.port, self.prom_port = port or free_port(), prom_port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        # With FLEET_ROUTER_TLS_CERT smg serves HTTPS; the harness reads it without verifying (tests that
+        # are about the certificate verify it themselves).
+        self.tls = None
+        if env.get("FLEET_ROUTER_TLS_CERT"):
+            self.tls = ssl.create_default_context()
+            self.tls.check_hostname, self.tls.verify_mode = False, ssl.CERT_NONE
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
         self.log_path = workdir / f"router-{self.port}-{next(_router_seq)}.log"  # a port may be used again
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "CONSUL_"))}
         self.env.update({"FLEET_ROLE": "router", "CONSUL_HTTP_ADDR": consul_addr, "FLEET_CLUSTER": cluster,
@@ -465,8 +474,12 @@ class Router:
         lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if "smg_output" not in ln]
         return "\n".join(lines[-n:])
 
+    def admin_key(self) -> str | None:
+        """smg's control-plane admin key, as the agent keeps it for `status` on this host."""
+        return read_admin_key(self.port)
+
     def workers(self) -> list[dict]:
-        status, body = http("GET", self.url + "/workers", timeout=5, key=self.env.get("FLEET_ROUTER_API_KEY"))
+        status, body = http("GET", self.url + "/workers", timeout=5, key=self.admin_key(), tls=self.tls)
         assert status == 200, body
         return body["workers"]
 

@@ -54,6 +54,7 @@ class Demo:
         self.project = project
         self.network = f"{project}_fleet"
         self.router_url = f"http://127.0.0.1:{compose.get_service_port('router', 8000)}"
+        self._admin_key = ""
         self.consul_url = f"http://127.0.0.1:{compose.get_service_port('consul', 8500)}"
 
     # ---- containers ---------------------------------------------------------------------------------
@@ -104,7 +105,16 @@ class Demo:
 
     # ---- router -------------------------------------------------------------------------------------
     def workers(self) -> list[dict]:
-        r = requests.get(f"{self.router_url}/workers", timeout=5)
+        """smg's worker list, with the admin key the router agent keeps in its container (a new one after
+        every start of the agent: read again on 401)."""
+        for fresh in (False, True):
+            if fresh or not self._admin_key:
+                self._admin_key = self.exec_python("router", "from sglang_fleet.smg_client import read_admin_key; "
+                                                   "print(read_admin_key(8000) or '')").strip()
+            r = requests.get(f"{self.router_url}/workers", timeout=5,
+                             headers={"Authorization": f"Bearer {self._admin_key}"})
+            if r.status_code != 401:
+                break
         r.raise_for_status()
         return [w for w in r.json().get("workers", []) if w.get("status") != "draining"]
 

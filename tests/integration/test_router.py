@@ -141,7 +141,8 @@ def test_regular_groups_spread_hand_added_survives_smg_restart(supervisors, star
     assert all(n > 0 for n in served.values()), served
 
     # A worker added by hand (no labels) survives every reconcile (resync every 1 s, plus Consul changes).
-    status, body = http("POST", router.url + "/workers", {"url": hand_engine, "worker_type": "regular"})
+    status, body = http("POST", router.url + "/workers", {"url": hand_engine, "worker_type": "regular"},
+                        key=router.admin_key())  # the operator's way in: the key file on the router's host
     assert status in (200, 202), body
     router.wait_workers(lambda ws: hand_engine in {w["url"] for w in ws if w["status"] == "ready"},
                         "the hand-added worker to be ready")
