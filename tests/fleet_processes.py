@@ -42,7 +42,7 @@ from fleet_testing import FLEET_BIN, descendants, free_port, kill_quietly, wait_
 from sglang_fleet.config import ConsulSettings
 from sglang_fleet.consul_api import ConsulAPI, ConsulError
 from sglang_fleet.process_group import remove_files, shm_files_of
-from sglang_fleet.smg_client import read_admin_key
+from sglang_fleet.smg_client import admin_key_path, read_admin_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -515,4 +515,5 @@ class Router:
                 os.killpg(rec["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        admin_key_path(self.port).unlink(missing_ok=True)  # what a killed agent leaves
 
