@@ -53,6 +53,9 @@ def test_locked_router_and_keyed_engines_end_to_end(supervisors, start_router, c
                         "the agent to add the keyed group", timeout=90)
     key_file = admin_key_path(router.port)
     assert key_file.stat().st_mode & 0o777 == 0o600
+    # Once up, smg has renamed itself: its keys are not in the process table.
+    smg_cmdline = open(f"/proc/{router.smg_pid()}/cmdline", "rb").read().decode(errors="replace")
+    assert router.admin_key() not in smg_cmdline and ENGINE_KEY not in smg_cmdline, smg_cmdline
 
     # A request straight to the engine: refused without the key, served with it; probes stay open.
     assert http("POST", first.http_url + "/generate", GENERATE)[0] == 401

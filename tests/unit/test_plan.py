@@ -74,3 +74,12 @@ def test_bad_plan_arguments_exit_78_with_one_report():
         "sglang-fleet: configuration error (2 problems):",
         "  - --node-rank=3: must be between 0 and FLEET_NNODES-1 (0)",
         "  - --dist-init-addr='nohost': expected host:port (port 1-65535)"]
+
+
+def test_plan_names_the_engine_key_file_never_the_keys():
+    proc = run_plan({"FLEET_MODEL_PATH": "m", "FLEET_NET_PROFILE": "ethernet", "FLEET_HTTP_PORT": "30111",
+                     "FLEET_ENGINE_API_KEY": "plan-key-1", "FLEET_ENGINE_ADMIN_API_KEY": "plan-key-2"}, "--json")
+    assert proc.returncode == 0, proc.stderr
+    argv = json.loads(proc.stdout)["argv"]
+    assert argv[argv.index("--config") + 1].endswith("sglang-fleet-engine-30111.keys.yaml")
+    assert "plan-key" not in proc.stdout + proc.stderr
