@@ -1,13 +1,14 @@
 """What each router of a cluster routes to, beside what Consul says is passing (for `sglang-fleet status`).
 
 `router_view(api, cfg)` finds the routers through their `sglang-router` registrations, asks each smg for
-its workers (with FLEET_ROUTER_ADMIN_KEY, else the key the agent on this host keeps in
+its workers (with FLEET_ROUTER_ADMIN_KEY, else, for a router on this host, the key its agent keeps in
 smg_client.admin_key_path(port); a router elsewhere answers 401 and that is shown) and compares them with the passing `sglang` services of the cluster; every difference is a
 sentence in `differences`. `format_router_view(view)` turns it into lines for a terminal.
 """
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 from typing import Any
 
@@ -40,6 +41,18 @@ def _compare(desired, workers, cluster: str, mode: str | None) -> list[str]:
         if w.managed_by(cluster) and w.url not in wanted and not w.draining:
             diffs.append(f"{w.url} ({w.worker_type}) is routed but no longer passes in Consul")
     return diffs
+
+
+def _on_this_host(host: str) -> bool:
+    """The key file of a router on this host is never sent to a router elsewhere that uses the same port: an
+    address is this host's when a socket can be bound to it."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
 
 
 def _tls(cfg: FleetConfig) -> ssl.SSLContext:
@@ -77,7 +90,7 @@ def router_view(api, cfg: FleetConfig, timeout: float = 3.0) -> dict[str, Any]:
         rv: dict[str, Any] = {"id": svc.get("ID"), "url": url, "mode": mode, "passing": passing, "error": None,
                               "workers": [], "unmanaged": [], "differences": []}
         try:
-            key = cfg.router_admin_key or read_admin_key(int(svc.get("Port") or 0))
+            key = cfg.router_admin_key or (read_admin_key(int(svc.get("Port") or 0)) if _on_this_host(host) else None)
             workers = SmgClient(url, key, timeout, tls=_tls(cfg) if scheme == "https" else None).list_workers()
         except SmgError as e:
             rv["error"] = str(e)

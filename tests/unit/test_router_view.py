@@ -54,3 +54,9 @@ def test_format_router_view_lines():
     assert "sglang-router-c1-r at http://r:8000 (pd mode, passing): 1 managed worker(s), 1 added by hand" in text
     assert "group g gen 1" in text and "added by hand" in text and "! something differs" in text
     assert "(no sglang-router registered)" in format_router_view({"cluster": C, "routers": []})
+
+
+def test_only_a_router_on_this_host_gets_the_local_key_file():
+    from sglang_fleet.router_view import _on_this_host
+    assert _on_this_host("127.0.0.1")
+    assert not _on_this_host("192.0.2.7")  # TEST-NET-1: never an address of this host
