@@ -360,7 +360,9 @@ class FleetConfig:
     router_resync_interval: float = setting(
         "router", 5.0, "Seconds between full comparisons of smg's workers with Consul even when Consul is quiet "
         "(catches an smg restart or a hand edit).", "5")
-    router_args: tuple[tuple[str, Any], ...] = setting("router", (), "Extra smg arguments, shell-quoted.",
+    router_args: tuple[tuple[str, Any], ...] = setting("router", (), "Extra smg arguments, shell-quoted; not the ones "
+                                                       "the agent writes from settings (--api-key, "
+                                                       "--control-plane-api-keys, --tls-cert-path, --tls-key-path).",
                                                        "--request-timeout-secs 600", parse=_engine_args)
     consul: ConsulSettings = field(default_factory=ConsulSettings)
 

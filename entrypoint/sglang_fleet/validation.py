@@ -24,6 +24,13 @@ RESERVED_ENGINE_FLAGS = {
     "api-key": "FLEET_ENGINE_API_KEY (or FLEET_ENGINE_API_KEY_FILE)",
     "admin-api-key": "FLEET_ENGINE_ADMIN_API_KEY (or FLEET_ENGINE_ADMIN_API_KEY_FILE)",
 }
+# smg flags the router agent writes from settings: in FLEET_ROUTER_ARGS they would replace its own (smg keeps
+# the last), and the agent would lose its way into smg's worker API.
+RESERVED_ROUTER_FLAGS = {
+    "api-key": "FLEET_ROUTER_API_KEY (or FLEET_ROUTER_API_KEY_FILE)",
+    "control-plane-api-keys": "FLEET_ROUTER_ADMIN_KEY (or FLEET_ROUTER_ADMIN_KEY_FILE)",
+    "tls-cert-path": "FLEET_ROUTER_TLS_CERT", "tls-key-path": "FLEET_ROUTER_TLS_KEY",
+}
 PREFILL_ONLY_ENGINE_FLAGS = frozenset({"chunked-prefill-size", "max-prefill-tokens",
                                        "disaggregation-bootstrap-port"})
 
@@ -59,7 +66,7 @@ def validate_config(cfg: FleetConfig, cluster_only: bool = False) -> list[str]:
                  f"scheme or port (e.g. 10.0.0.12)")
     p.extend(_validate_keys(cfg))
     if cfg.is_router:
-        p.extend(_validate_router_tls(cfg))
+        p.extend(_validate_router(cfg))
     if cfg.is_router or cluster_only:
         return p
     p.extend(_validate_node(cfg))
@@ -79,8 +86,9 @@ def _validate_keys(cfg: FleetConfig) -> list[str]:
     return p
 
 
-def _validate_router_tls(cfg: FleetConfig) -> list[str]:
-    p: list[str] = []
+def _validate_router(cfg: FleetConfig) -> list[str]:
+    p: list[str] = [f"FLEET_ROUTER_ARGS: --{flag} is set by sglang-fleet; use {RESERVED_ROUTER_FLAGS[flag]} instead"
+                    for flag, _ in cfg.router_args if flag in RESERVED_ROUTER_FLAGS]
     cert, key = cfg.router_tls_cert, cfg.router_tls_key
     if bool(cert) != bool(key):
         have, missing = ("FLEET_ROUTER_TLS_CERT", "FLEET_ROUTER_TLS_KEY") if cert else ("FLEET_ROUTER_TLS_KEY",

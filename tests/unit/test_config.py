@@ -380,3 +380,10 @@ def test_key_and_tls_mistakes_exit_78_with_one_line(env, expected):
     problems = [ln for ln in proc.stderr.splitlines() if ln.startswith("  - ")]
     assert len(problems) == 1 and expected in problems[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_router_agents_own_smg_flags_are_reserved():
+    [problem] = problems_of({"FLEET_ROLE": "router", "FLEET_ROUTER_ARGS": "--control-plane-api-keys a:b:admin:c"})
+    assert problem == ("FLEET_ROUTER_ARGS: --control-plane-api-keys is set by sglang-fleet; use FLEET_ROUTER_ADMIN_KEY "
+                       "(or FLEET_ROUTER_ADMIN_KEY_FILE) instead")
+    assert "a:b:admin:c" not in problem
