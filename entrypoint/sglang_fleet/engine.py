@@ -30,6 +30,10 @@ The kernel ties that signal to the *thread* that forked, not the process: call s
 may start it again after a BACKOFF) only from a thread that lives as long as the engine should, i.e. the
 node loop's thread (the main thread in `sglang-fleet node`), never from a short-lived helper thread.
 
+API keys (FLEET_ENGINE_API_KEY / _ADMIN_API_KEY): the launch names a 0600 file for SGLang's --config; start()
+writes it and it is removed as soon as the engine leaves STARTING (SGLang reads it while parsing its
+arguments) or is stopped. The probes send the API key; the keys are replaced by *** in the relayed output.
+
 Readiness: rank 0 when GET /health answers 200 (SGLang runs a one-token generation there); ranks > 0
 when the process is alive and its dummy health server (same port) answers 200. While RUNNING only rank
 0's /health is probed (every 5 s, 3 failures in a row = stuck). Probes run in a helper
