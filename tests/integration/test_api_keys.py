@@ -54,8 +54,9 @@ def test_locked_router_and_keyed_engines_end_to_end(supervisors, start_router, c
     key_file = admin_key_path(router.port)
     assert key_file.stat().st_mode & 0o777 == 0o600
     # Once up, smg has renamed itself: its keys are not in the process table.
+    control_key = router.admin_key()
     smg_cmdline = open(f"/proc/{router.smg_pid()}/cmdline", "rb").read().decode(errors="replace")
-    assert router.admin_key() not in smg_cmdline and ENGINE_KEY not in smg_cmdline, smg_cmdline
+    assert control_key not in smg_cmdline and ENGINE_KEY not in smg_cmdline, smg_cmdline
 
     # A request straight to the engine: refused without the key, served with it; probes stay open.
     assert http("POST", first.http_url + "/generate", GENERATE)[0] == 401
@@ -111,7 +112,8 @@ def test_locked_router_and_keyed_engines_end_to_end(supervisors, start_router, c
     assert router.stop() == 0
     assert not key_file.exists()  # removed on the way out
     for log in (first.text(), second.text(), router.log_path.read_text()):
-        assert ENGINE_KEY not in log and ADMIN_KEY not in log
+        assert ENGINE_KEY not in log and ADMIN_KEY not in log and control_key not in log
+    assert router.events("starting smg")[0]["argv"].count("***") >= 2  # --api-key, --control-plane-api-keys
 
 
 def test_router_serves_https_checked_by_consul_and_read_by_status(supervisors, start_router, consul_api,
