@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("node", help="run the node supervisor (rendezvous, engine, registration)")
     sub.add_parser("router", help="run smg and keep its workers equal to the healthy services in Consul")
-    p_status = sub.add_parser("status", help="what Consul says about the cluster")
+    p_status = sub.add_parser(
+        "status", help="what Consul says about the cluster; exit 0 healthy, 1 degraded, 2 Consul unreachable",
+        description="What Consul says about the cluster: every group, its members and serving registration, "
+        "and what each router routes to. Exit status: 0 healthy (every group serving with passing checks and "
+        "all its ranks, no FATAL node, every router routing what Consul says); 1 degraded (the last line, or "
+        "`problems` in --json, says why); 2 Consul unreachable or it refused the token.")
     p_status.add_argument("--json", action="store_true")
     p_doctor = sub.add_parser("doctor", help="preflight checks of this host: GPU, NCCL, RDMA, network, model, peers")
     p_doctor.add_argument("--json", action="store_true")
