@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p_config.add_argument("--json", action="store_true")
     p_config.add_argument("--docs-file", default=None, help="docs: the file to rewrite (default: the checkout's)")
     p_acl = sub.add_parser("acl-policy", help="print the Consul ACL policy a node, router or `status` needs "
-                           "(config/acl/, docs/security.md)")
+                           "(sglang_fleet/data/acl/, docs/security.md)")
     p_acl.add_argument("role", choices=("node", "router", "status"))
     p_acl.add_argument("--cluster", default=None, help="default FLEET_CLUSTER")
     p_acl.add_argument("--consul-node", default="", help="node name of the Consul agent the nodes talk to "

@@ -15,18 +15,13 @@ from typing import Any, Mapping
 
 import yaml
 
+from sglang_fleet import shipped
 from sglang_fleet.settings import (CONSUL_SETTINGS, MOE_A2A_BACKENDS, NODE_ROLES, ROLES, SETTING_BY_KEY, SETTINGS,
                                    ConsulSettings, FleetConfig, Setting, engine_args_layer, describe_settings,
                                    parse_cpu_list)
 from sglang_fleet.validation import NAME_RE, validate_config
 
 EX_CONFIG = 78  # sysexits.h: configuration error
-
-PRESET_DIRS = (
-    Path(os.environ.get("FLEET_PRESET_DIR", "/nonexistent")),
-    Path(__file__).resolve().parents[2] / "config" / "presets",  # source checkout
-    Path("/etc/sglang-fleet/presets"),  # the container image
-)
 
 # SGLang flags that set up one host, not the group: they may differ between members (rendezvous.py's
 # fingerprint leaves them out).
@@ -54,19 +49,11 @@ class ConfigError(Exception):
 
 
 def find_preset(name: str) -> Path | None:
-    for d in PRESET_DIRS:
-        p = d / f"{name}.yaml"
-        if p.is_file():
-            return p
-    return None
+    return shipped.find(shipped.PRESETS, name)
 
 
 def preset_names() -> list[str]:
-    names: set[str] = set()
-    for d in PRESET_DIRS:
-        if d.is_dir():
-            names.update(p.stem for p in d.glob("*.yaml"))
-    return sorted(names)
+    return shipped.names(shipped.PRESETS)
 
 
 def _read_yaml(path: Path, what: str, problems: list[str]) -> dict:

@@ -192,7 +192,7 @@ class ConsulSettings:
     http_addr: str = setting("consul", "127.0.0.1:8500", "The Consul agent's HTTP API, `host:port` or "
                              "`http(s)://host:port`. Also decides the default advertise address (the source "
                              "address of the route toward this host).", "10.0.0.5:8500", env="CONSUL_HTTP_ADDR")
-    token: str | None = setting("consul", None, "ACL token (`config/acl/`, docs/security.md). Never logged, never "
+    token: str | None = setting("consul", None, "ACL token (`sglang-fleet acl-policy`, docs/security.md). Never logged, never "
                                 "passed to the engine; shown as `***` by `plan`.", "...", env="CONSUL_HTTP_TOKEN",
                                 secret=True)
     ssl: bool = setting("consul", False, "Use HTTPS.", "1", env="CONSUL_HTTP_SSL")
@@ -254,8 +254,8 @@ class FleetConfig:
         "engine", "", "FLEET_DEVICE=cpu: the cores this node's engine may use, as a Linux CPU list; split evenly "
         "over the node's TP ranks (SGLANG_CPU_OMP_THREADS_BIND). Default: every core this container may run on.",
         "0-31,64-95", parse=_cpu_cores)
-    preset: str | None = setting("engine", None, "Name of a preset in config/presets (the guide's "
-                                 "configurations).", "deepseek-r1-prefill")
+    preset: str | None = setting("engine", None, "Name of a preset shipped in the package "
+                                 "(sglang_fleet/data/presets: the guide's configurations).", "deepseek-r1-prefill")
     model_path: str = setting("engine", "", "Model path or Hugging Face id (SGLang --model-path).",
                               "/models/DeepSeek-R1")
     tp_size: int = setting("engine", 1, "Tensor parallel size across ALL nodes of the group (--tp-size).", "16")
@@ -300,7 +300,7 @@ class FleetConfig:
         "needs RDMA and cannot start without it).", "nixl", TRANSFER_BACKENDS)
     bootstrap_port: int = setting("network", 8998, "Prefill KV bootstrap port (--disaggregation-bootstrap-port).",
                                   "8998")
-    net_profile: str = setting("network", "auto", "NCCL/GLOO profile from config/nccl; auto detects InfiniBand "
+    net_profile: str = setting("network", "auto", "NCCL/GLOO profile shipped in sglang_fleet/data/nccl; auto detects InfiniBand "
                                "and RoCE in /sys/class/infiniband.", "infiniband", NET_PROFILES)
     sysfs_root: str = setting("network", "/sys", "Where auto detection reads sysfs (tests point it at fixtures).",
                               "/sys")
