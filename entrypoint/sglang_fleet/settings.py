@@ -378,6 +378,59 @@ SETTINGS = settings_of(FleetConfig)
 CONSUL_SETTINGS = settings_of(ConsulSettings)
 SETTING_BY_KEY = {s.key: s for s in SETTINGS}
 
+# FLEET_* variables that are not settings but are read elsewhere, in one place: any other FLEET_* variable in
+# the environment is a configuration error (a typo would otherwise be ignored). Name -> who reads it and why.
+OTHER_FLEET_VARIABLES = {
+    "FLEET_CONFIG": "sglang-fleet: path of the YAML config file (precedence layer 3)",
+    "FLEET_PRESET_DIR": "sglang-fleet: a directory searched first for `<preset>.yaml`",
+    "FLEET_NCCL_DIR": "sglang-fleet: a directory searched first for `<profile>.env`",
+    "FLEET_ACL_DIR": "sglang-fleet: a directory searched first for `<role>.hcl` (ACL policies)",
+    "FLEET_HOME": "the image: sglang-fleet's venv (Dockerfile, docker-entrypoint.sh, supervisord)",
+    "FLEET_LAUNCHER": "compose/slurm/sglang-fleet.sbatch: docker, pyxis or package",
+    "FLEET_GPU_IMAGE": "compose files and the SLURM script: the GPU image; scripts/images: its tag",
+    "FLEET_MODELS_DIR": "compose files: the host directory mounted at /models",
+    "FLEET_IMAGE": "scripts/images, compose/demo.yml: the CPU image",
+    "FLEET_CONSUL_IMAGE": "scripts/images, compose/demo.yml: the Consul image",
+    "FLEET_BASE_IMAGE": "scripts/images: base of the CPU image",
+    "FLEET_GPU_BASE_IMAGE": "scripts/images: base of the GPU image",
+    "FLEET_CONSUL_UPSTREAM": "scripts/images: the upstream Consul image",
+    "FLEET_REGISTRY": "scripts/images: auto, or no (build without a registry)",
+    "FLEET_DEMO_PORT": "scripts/demo, compose/demo.yml: the router's port on the host",
+    "FLEET_DEMO_CONSUL_PORT": "compose/demo.yml: Consul's port on the host",
+    "FLEET_DEMO_LOG_FORMAT": "compose/demo.yml: FLEET_LOG_FORMAT of the demo",
+    "FLEET_DEMO_TOKEN_DELAY": "compose/demo.yml: the sim engine's delay per token",
+    "FLEET_TOOLS": "scripts: where downloaded tools are kept (default ~/.cache/sglang-fleet)",
+    "FLEET_SGLANG_KERNEL_SRC": "scripts/install-sglang-cpu: source of SGLang's CPU kernels",
+    "FLEET_SGLANG_PYTHON": "tests (conformance, sglang tiers): the Python of the SGLang venv",
+    "FLEET_CONSUL_BIN": "tests: the Consul binary",
+    "FLEET_SMG_BIN": "tests: the smg binary",
+    "FLEET_CT_DUMP_LOGS": "tests (containers tier): 1 prints every container's logs",
+    "FLEET_GPU_PYTHON": "tests (gpu tier): the Python with torch",
+    "FLEET_GPU_RESULTS": "scripts/gpu-validate: where the GPU tier's results go",
+    "FLEET_NCCL_CHECK_BACKEND": "tests (gpu tier): gloo runs the NCCL-check cases on CPUs",
+}
+
+# What `node` and `router` read (their --help lists it): whole sections, and the router's few others.
+COMMAND_SETTINGS = {
+    "node": {"sections": ("node", "engine", "network", "sim", "consul", "logging"), "keys": ()},
+    "router": {"sections": ("router", "consul", "logging"),
+               "keys": ("role", "cluster", "node_name", "advertise_addr", "backoff_base", "backoff_max",
+                        "start_attempts")},
+}
+
+
+def settings_read_by(command: str) -> list[Setting]:
+    """The settings `command` reads, in SECTIONS order."""
+    wanted = COMMAND_SETTINGS[command]
+    rows = [s for s in SETTINGS + CONSUL_SETTINGS if s.section in wanted["sections"] or s.key in wanted["keys"]]
+    return sorted(rows, key=lambda s: list(SECTIONS).index(s.section))
+
+
+def known_variables() -> set[str]:
+    """Every FLEET_* (and Consul) variable sglang-fleet knows: settings, their `_FILE` forms, the others."""
+    rows = SETTINGS + CONSUL_SETTINGS
+    return {s.env for s in rows} | {s.env + "_FILE" for s in rows if s.secret} | set(OTHER_FLEET_VARIABLES)
+
 
 def describe_settings() -> list[dict[str, str]]:
     """The settings table, section by section, for docs and listings."""
