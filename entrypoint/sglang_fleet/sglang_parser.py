@@ -43,7 +43,8 @@ class ParserVerdict:
 
 def _candidates(cfg: FleetConfig) -> list[str]:
     pythons = [cfg.engine_python]
-    if importlib.util.find_spec("sglang") is not None and sys.executable != cfg.engine_python:
+    spec = importlib.util.find_spec("sglang")
+    if spec is not None and spec.origin is not None and sys.executable != cfg.engine_python:  # not a bare dir
         pythons.append(sys.executable)
     return pythons
 
