@@ -322,3 +322,15 @@ def test_config_list_shows_every_setting_by_section(capsys):
     text = capsys.readouterr().out
     assert text.index("# Router role") < text.index("FLEET_ROUTER_PORT (router_port) = 8000: ") < text.index(
         "# Consul") < text.index("CONSUL_HTTP_SSL = False: Use HTTPS.")
+
+
+def test_shipped_files_come_from_the_package_and_an_operators_directory_first(tmp_path, monkeypatch):
+    from sglang_fleet import shipped
+    assert shipped.find(shipped.PRESETS, "sim-demo") == shipped.package_dir(shipped.PRESETS) / "sim-demo.yaml"
+    assert shipped.find(shipped.PRESETS, "../presets/sim-demo") is None  # a name, never a path
+    (tmp_path / "sim-demo.yaml").write_text("nnodes: 1\n")
+    (tmp_path / "site-only.yaml").write_text("nnodes: 1\n")
+    monkeypatch.setenv("FLEET_PRESET_DIR", str(tmp_path))
+    assert shipped.find(shipped.PRESETS, "sim-demo") == tmp_path / "sim-demo.yaml"
+    assert {"site-only", "sim-demo", "llama-405b-tp16-2node"} <= set(preset_names())
+    assert str(tmp_path) in shipped.searched(shipped.PRESETS)
