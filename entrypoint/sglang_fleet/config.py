@@ -242,7 +242,7 @@ def load_config_sources(env: Mapping[str, str] | None = None, *, cluster_only: b
     cfg = FleetConfig(**values, consul=consul)
     if not (cfg.is_router or cluster_only):
         problems.extend(reserved)
-    elif engine_args:
+    elif engine_args and cfg.is_router:
         problems.append(f"{ENGINE_ARGS_LABEL} {shlex.join(engine_args)!r}: FLEET_ROLE={cfg.role!r} runs no engine "
                         f"(smg's own flags go in FLEET_ROUTER_ARGS)")
     problems.extend(validate(cfg, cluster_only=cluster_only))
