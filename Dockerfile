@@ -52,7 +52,7 @@ RUN touch /tmp/src/README.md \
  && rm -rf /tmp/src \
  && sglang-fleet --version
 
-# Presets, NCCL profiles and supervisord programs; the entrypoint.
+# supervisord programs and the entrypoint (presets, NCCL profiles and ACL policies are package data).
 COPY config /etc/sglang-fleet/
 COPY entrypoint/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 RUN chmod 0755 /usr/local/bin/docker-entrypoint.sh

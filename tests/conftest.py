@@ -8,6 +8,7 @@
   `supervisor_env` (the settings every supervisor starts with; the sim here, the real engine in
   tests/sglang), `supervisors` and `make_supervisors(agent)` (a `Supervisors` factory, everything it
   started is SIGKILLed at teardown), `start_router(**env)`, `consul_api`, `wait`.
+- `wheel_fleet_bin`: `sglang-fleet` of the project's wheel installed in a fresh venv (once per session).
   Import plain helpers from tests/fleet_testing.py or tests/fleet_processes.py, never
   `from conftest import ...`: pytest re-imports every non-package conftest.py under the same module name.
 """
@@ -22,7 +23,7 @@ import pytest
 import structlog
 
 from fleet_processes import SIM_ENV, ConsulAgent, Router, Supervisors, consul_binary
-from fleet_testing import wait_until
+from fleet_testing import install_wheel, wait_until
 from sglang_fleet import logs
 from sglang_fleet.consul_api import ConsulAPI
 
@@ -32,6 +33,11 @@ def _fresh_structlog():
     yield
     structlog.reset_defaults()
     logs._configured = False
+
+
+@pytest.fixture(scope="session")
+def wheel_fleet_bin(tmp_path_factory) -> Path:
+    return install_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.fixture(scope="session")

@@ -376,13 +376,14 @@ class Supervisors:
         env.update({k: str(v) for k, v in overrides.items() if v is not None})
         return env
 
-    def start(self, name: str, cwd: Path | None = None, **env_overrides: Any) -> Supervisor:
-        """Starts `sglang-fleet node` as `name` (in `cwd`, default the workdir). Keyword args are env vars
-        (FLEET_GROUP="g", ...)."""
+    def start(self, name: str, cwd: Path | None = None, fleet_bin: Path = FLEET_BIN, engine_args: tuple[str, ...] = (),
+              **env_overrides: Any) -> Supervisor:
+        """Starts `sglang-fleet node [-- engine_args]` (`fleet_bin`, default this venv's) as `name` (in `cwd`,
+        default the workdir). Keyword args are env vars (FLEET_GROUP="g", ...)."""
         env = self.env_for(name, **env_overrides)
         log_path = self.workdir / f"{name}.log"
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen([str(FLEET_BIN), "node"], env=env, stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen([str(fleet_bin), "node", *(("--", *engine_args) if engine_args else ())], env=env, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(cwd or self.workdir))
         sup = Supervisor(name, env, log_path, proc)
         self.started.append(sup)

@@ -84,3 +84,37 @@ def emit_json(result: dict, out: Path | None) -> None:
     print(text)
     if out:
         out.write_text(text + "\n")
+
+
+def install_wheel(workdir: Path) -> Path:
+    """Builds sglang-fleet's wheel from a copy of its sources (the checkout stays untouched), installs it in a
+    fresh venv under `workdir` and returns that venv's `sglang-fleet`. The dependencies come from the configured
+    package index; where none answers, the wheel goes in with --no-deps and this venv's site-packages are
+    appended to the new venv's path (a .pth file: the checkout's editable install is not among them)."""
+    import shutil
+    import site
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    src = workdir / "src"
+    shutil.copytree(root / "entrypoint" / "sglang_fleet", src / "entrypoint" / "sglang_fleet",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+
+    def run(*argv: str | Path) -> subprocess.CompletedProcess:
+        return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=600, cwd=workdir)
+
+    built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", workdir / "dist", src)
+    assert built.returncode == 0, f"pip wheel failed:\n{built.stdout}\n{built.stderr}"
+    [wheel] = (workdir / "dist").glob("sglang_fleet-*.whl")
+    venv = workdir / "venv"
+    made = run(sys.executable, "-m", "venv", "--without-pip", venv)  # the base interpreter, not this venv
+    assert made.returncode == 0, made.stderr
+    py = venv / "bin" / "python"
+    installed = run(sys.executable, "-m", "pip", "--python", py, "install", "-q", wheel)
+    if installed.returncode:
+        fallback = run(sys.executable, "-m", "pip", "--python", py, "install", "-q", "--no-deps", wheel)
+        assert fallback.returncode == 0, f"pip install failed:\n{installed.stderr}\n{fallback.stderr}"
+        purelib = run(py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
+        Path(purelib, "fleet-test-deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return venv / "bin" / "sglang-fleet"

@@ -1,24 +1,19 @@
 """Consul ACL rights: the policies a node, a router and `status` need, and the preflight that checks them.
 
-The shipped policies (config/acl/<role>.hcl) are the single list of rights: `acl-policy` renders them
+The shipped policies (data/acl/<role>.hcl, shipped.py) are the single list of rights: `acl-policy` renders them
 for an operator to create, and the preflight asks Consul's own ACL resolver whether the configured token
 holds each rule of the rendered policy, before anything starts. A missing right is a configuration
 error (exit 78) naming the variable the token came from and every right it lacks (docs/security.md).
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from sglang_fleet import consul_api as ca
+from sglang_fleet import shipped
 
-ACL_DIRS = (
-    Path(os.environ.get("FLEET_ACL_DIR", "/nonexistent")),
-    Path(__file__).resolve().parents[2] / "config" / "acl",  # source checkout
-    Path("/etc/sglang-fleet/acl"),  # the container image
-)
 POLICIES = ("node", "router", "status")
 # One rule per block, as the shipped files write them: key_prefix "x/" { policy = "write" }
 RULE_RE = re.compile(r'(\w+)\s+"([^"]*)"\s*\{\s*policy\s*=\s*"(\w+)"\s*\}')
@@ -40,11 +35,10 @@ class Rule:
 
 
 def policy_path(role: str) -> Path:
-    for d in ACL_DIRS:
-        path = d / f"{role}.hcl"
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"no ACL policy {role}.hcl in {', '.join(str(d) for d in ACL_DIRS[1:])}")
+    path = shipped.find(shipped.ACL_POLICIES, role)
+    if path is None:
+        raise FileNotFoundError(f"no ACL policy {role}.hcl in {shipped.searched(shipped.ACL_POLICIES)}")
+    return path
 
 
 def render_policy(role: str, cluster: str, consul_node: str) -> str:
@@ -87,8 +81,8 @@ def preflight(api: ca.ConsulAPI, role: str, cluster: str) -> None:
         return
     if lacking:
         who = api.settings.token_source if api.settings.token else "no CONSUL_HTTP_TOKEN is set and the anonymous token"
-        raise ca.ConsulDenied(f"{who} lacks {'; '.join(lacking)} (config/acl/{role}.hcl lists what a {role} "
-                              "needs; docs/security.md)", right=lacking[0])
+        raise ca.ConsulDenied(f"{who} lacks {'; '.join(lacking)} (`sglang-fleet acl-policy {role}` prints what a "
+                              f"{role} needs; docs/security.md)", right=lacking[0])
 
 
 __all__ = ["POLICIES", "Rule", "missing_rights", "policy_path", "preflight", "render_policy", "rules"]

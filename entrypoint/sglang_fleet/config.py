@@ -8,25 +8,22 @@ started.
 """
 from __future__ import annotations
 
+import difflib
 import os
+import shlex
 import socket
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
+from sglang_fleet import shipped
 from sglang_fleet.settings import (CONSUL_SETTINGS, MOE_A2A_BACKENDS, NODE_ROLES, ROLES, SETTING_BY_KEY, SETTINGS,
                                    ConsulSettings, FleetConfig, Setting, engine_args_layer, describe_settings,
-                                   parse_cpu_list)
-from sglang_fleet.validation import NAME_RE, validate_config
+                                   known_variables, parse_cpu_list)
+from sglang_fleet.validation import NAME_RE, reserved_flag_problems, validate_config
 
 EX_CONFIG = 78  # sysexits.h: configuration error
-
-PRESET_DIRS = (
-    Path(os.environ.get("FLEET_PRESET_DIR", "/nonexistent")),
-    Path(__file__).resolve().parents[2] / "config" / "presets",  # source checkout
-    Path("/etc/sglang-fleet/presets"),  # the container image
-)
 
 # SGLang flags that set up one host, not the group: they may differ between members (rendezvous.py's
 # fingerprint leaves them out).
@@ -54,19 +51,11 @@ class ConfigError(Exception):
 
 
 def find_preset(name: str) -> Path | None:
-    for d in PRESET_DIRS:
-        p = d / f"{name}.yaml"
-        if p.is_file():
-            return p
-    return None
+    return shipped.find(shipped.PRESETS, name)
 
 
 def preset_names() -> list[str]:
-    names: set[str] = set()
-    for d in PRESET_DIRS:
-        if d.is_dir():
-            names.update(p.stem for p in d.glob("*.yaml"))
-    return sorted(names)
+    return shipped.names(shipped.PRESETS)
 
 
 def _read_yaml(path: Path, what: str, problems: list[str]) -> dict:
@@ -169,14 +158,39 @@ def _consul(env: Mapping[str, str], problems: list[str]) -> ConsulSettings:
     return consul
 
 
-def load_config(env: Mapping[str, str] | None = None, *, cluster_only: bool = False) -> FleetConfig:
-    """Builds the configuration from preset <- FLEET_CONFIG file <- FLEET_* environment.
+ENGINE_ARGS_LABEL = "engine arguments"  # what problems call the flags after `--` / the container's args
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """A problem for every FLEET_* variable that is neither a setting nor one of OTHER_FLEET_VARIABLES."""
+    known = sorted(n for n in known_variables() if n.startswith("FLEET_"))
+    problems = []
+    for name in sorted(n for n in env if n.startswith("FLEET_") and n not in known):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = (f"did you mean {close[0]}?" if close
+                else "the settings are listed by `sglang-fleet config list` and in docs/configuration.md")
+        problems.append(f"{name}: unknown setting; {hint}")
+    return problems
+
+
+def load_config(env: Mapping[str, str] | None = None, *, cluster_only: bool = False,
+                engine_args: Sequence[str] = ()) -> FleetConfig:
+    """Builds the configuration from preset <- FLEET_CONFIG file <- FLEET_* environment <- engine arguments.
 
     cluster_only: skip the checks of a node's own engine settings (for `status`, which only reads Consul).
+    engine_args: extra launch_server flags from the command line (after `sglang-fleet node --`, or the
+    container's arguments), the highest layer of sglang_args.
     """
+    return load_config_sources(env, cluster_only=cluster_only, engine_args=engine_args)[0]
+
+
+def load_config_sources(env: Mapping[str, str] | None = None, *, cluster_only: bool = False,
+                        engine_args: Sequence[str] = ()) -> tuple[FleetConfig, dict[str, str]]:
+    """load_config(), and where each setting's value came from (key -> "default", "preset <name>",
+    "file <path>", "env <VARIABLE>", "command line", or several joined by " + " for merged flags)."""
     env = os.environ if env is None else env
-    problems: list[str] = []
-    layers: list[tuple[str, dict]] = []  # (source label prefix, raw values)
+    problems: list[str] = unknown_variables(env)
+    layers: list[tuple[str, str, dict]] = []  # (source, problem label prefix, raw values)
 
     preset_name = (env.get("FLEET_PRESET") or "").strip()
     cfg_file = (env.get("FLEET_CONFIG") or "").strip()
@@ -188,33 +202,69 @@ def load_config(env: Mapping[str, str] | None = None, *, cluster_only: bool = Fa
             problems.append(f"FLEET_PRESET={preset_name!r}: no such preset; known presets: "
                             f"{', '.join(preset_names()) or '(none found)'}")
         else:
-            layers.append((f"preset {preset_name}:", _read_yaml(path, f"FLEET_PRESET={preset_name}", problems)))
+            layers.append((f"preset {preset_name}", f"preset {preset_name}:",
+                           _read_yaml(path, f"FLEET_PRESET={preset_name}", problems)))
     if file_data:
-        layers.append((f"{cfg_file}:", file_data))
-    layers.append(("", env_values(SETTINGS, env, problems)))
+        layers.append((f"file {cfg_file}", f"{cfg_file}:", file_data))
+    layers.append(("env", "", env_values(SETTINGS, env, problems)))
+    if engine_args:
+        layers.append(("command line", "", {"sglang_args": shlex.join(engine_args)}))
 
     values: dict[str, Any] = {s.key: s.default for s in SETTINGS}
-    for prefix, data in layers:
+    sources: dict[str, str] = {s.key: "default" for s in SETTINGS + CONSUL_SETTINGS}
+    reserved: list[str] = []
+    for source, prefix, data in layers:
         for key, raw in data.items():
             setting = SETTING_BY_KEY[key]
-            label = f"{prefix} {key}" if prefix else setting.env
+            label = (f"{prefix} {key}" if prefix else ENGINE_ARGS_LABEL if source == "command line"
+                     else setting.env)
+            origin = _env_source(setting, env) if source == "env" else source
             if key in MERGED_KEYS:
                 values[key] = _merge_engine_args(values[key], raw, label, problems)
+                if key == "sglang_args":
+                    flags = [f for f, v in engine_args_layer_safe(raw) if v is not None]
+                    reserved += reserved_flag_problems(flags, label)
+                sources[key] = origin if sources[key] == "default" else f"{sources[key]} + {origin}"
             else:
                 values[key] = _parse(setting, raw, label, problems)
+                sources[key] = origin
     values["preset"] = preset_name or None
     if not values["node_name"]:
         values["node_name"] = socket.gethostname().split(".")[0]
+        sources["node_name"] = "hostname"
     if not values["group"] and values["nnodes"] == 1:
         values["group"] = values["node_name"]
+        sources["group"] = "node name (a one-node group)"
     if values["router_api_key"] is None:  # smg hands the client's key on to the engines: the same one
         values["router_api_key"] = values["engine_api_key"]
+        if values["engine_api_key"] is not None:
+            sources["router_api_key"] = "FLEET_ENGINE_API_KEY (the engines' key)"
 
-    cfg = FleetConfig(**values, consul=_consul(env, problems))
+    consul = _consul(env, problems)
+    sources.update({s.key: _env_source(s, env) for s in CONSUL_SETTINGS
+                    if env.get(s.env) or (s.secret and env.get(s.env + "_FILE"))})
+    cfg = FleetConfig(**values, consul=consul)
+    if not (cfg.is_router or cluster_only):
+        problems.extend(reserved)
+    elif engine_args and cfg.is_router:
+        problems.append(f"{ENGINE_ARGS_LABEL} {shlex.join(engine_args)!r}: FLEET_ROLE={cfg.role!r} runs no engine "
+                        f"(smg's own flags go in FLEET_ROUTER_ARGS)")
     problems.extend(validate(cfg, cluster_only=cluster_only))
     if problems:
         raise ConfigError(problems)
-    return cfg
+    return cfg, sources
+
+
+def _env_source(s: Setting, env: Mapping[str, str]) -> str:
+    return f"env {s.env}_FILE" if s.secret and env.get(s.env + "_FILE") else f"env {s.env}"
+
+
+def engine_args_layer_safe(raw: Any) -> tuple[tuple[str, Any], ...]:
+    """engine_args_layer(), or nothing where it cannot be parsed (_merge_engine_args reports that)."""
+    try:
+        return engine_args_layer(raw)
+    except ValueError:
+        return ()
 
 
 def validate(cfg: FleetConfig, cluster_only: bool = False) -> list[str]:
@@ -224,7 +274,7 @@ def validate(cfg: FleetConfig, cluster_only: bool = False) -> list[str]:
 
 __all__ = [
     "ConfigError", "ConsulSettings", "EX_CONFIG", "FleetConfig", "NODE_ROLES", "ROLES", "SETTINGS",
-    "load_config", "validate", "find_preset", "preset_names", "PER_HOST_ENGINE_FLAGS", "MOE_A2A_BACKENDS",
+    "load_config", "load_config_sources", "unknown_variables", "validate", "find_preset", "preset_names", "PER_HOST_ENGINE_FLAGS", "MOE_A2A_BACKENDS",
     "describe_settings", "parse_cpu_list",
     "NAME_RE",  # for nccl_check.py until it imports it from validation.py
 ]

@@ -177,7 +177,7 @@ def _denied(exc: BaseException, settings: ConsulSettings, method: str, args: tup
     who = (settings.token_source if settings.token else
            "no CONSUL_HTTP_TOKEN is set and the anonymous token")
     return ConsulDenied(f"{who} lacks {right} (Consul answered 403 to {method}); "
-                        "see config/acl/ and docs/security.md", right=right)
+                        "see `sglang-fleet acl-policy` and docs/security.md", right=right)
 
 
 def _short(text: str, limit: int = 300) -> str:

@@ -1,6 +1,6 @@
 """NCCL/GLOO network profiles: which fabric this host has, and the variables that go with it.
 
-Profiles live in config/nccl/<name>.env (ethernet, infiniband, roce). `auto` reads sysfs:
+Profiles live in data/nccl/<name>.env (shipped.py) (ethernet, infiniband, roce). `auto` reads sysfs:
 `<sysfs_root>/class/infiniband/<dev>/ports/<port>/link_layer` says InfiniBand or Ethernet (= RoCE);
 for RoCE the GID table (`gid_attrs/types/<i>`, `gids/<i>`) gives NCCL_IB_GID_INDEX. No RDMA device
 means plain ethernet (NCCL_IB_DISABLE=1). The interface carrying the advertise address becomes
@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
-import os
 import socket
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sglang_fleet import shipped
+
 if TYPE_CHECKING:
     from sglang_fleet.config import FleetConfig
 
 PROFILES = ("ethernet", "infiniband", "roce")
-
-NCCL_DIRS = (
-    Path(os.environ.get("FLEET_NCCL_DIR", "/nonexistent")),
-    Path(__file__).resolve().parents[2] / "config" / "nccl",  # source checkout
-    Path("/etc/sglang-fleet/nccl"),  # the container image
-)
 
 SIOCGIFADDR = 0x8915  # linux/sockios.h: get the IPv4 address of an interface
 
@@ -51,11 +46,10 @@ class NetProfile:
 
 
 def profile_path(name: str) -> Path:
-    for d in NCCL_DIRS:
-        p = d / f"{name}.env"
-        if p.is_file():
-            return p
-    raise ProfileError(f"NCCL profile {name!r} not found in {', '.join(str(d) for d in NCCL_DIRS[1:])}")
+    path = shipped.find(shipped.NCCL_PROFILES, name)
+    if path is None:
+        raise ProfileError(f"NCCL profile {name!r} not found in {shipped.searched(shipped.NCCL_PROFILES)}")
+    return path
 
 
 def read_env_file(path: Path) -> dict[str, str]:

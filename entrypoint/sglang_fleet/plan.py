@@ -1,6 +1,7 @@
 """`sglang-fleet plan`: the argv and environment this node's engine would run, without Consul.
 
-For humans, SLURM scripts and tests. The rank and the dist-init address come from the command line
+For humans, SLURM scripts and tests. The engine's flags go through SGLang's own parser first
+(sglang_parser.py): a flag SGLang does not take is exit 78 with SGLang's message. The rank and the dist-init address come from the command line
 (or FLEET_NODE_RANK / this node's own address) instead of the rendezvous; launch.py builds the rest.
 Secrets are redacted: env names with TOKEN, KEY, SECRET, PASSWORD, PASSWD or CREDENTIAL, and the value
 of a flag with such a word.
@@ -13,7 +14,7 @@ import shlex
 import sys
 from typing import Mapping
 
-from sglang_fleet import netprofile
+from sglang_fleet import netprofile, sglang_parser
 from sglang_fleet.config import EX_CONFIG, ConfigError, FleetConfig
 from sglang_fleet.launch import build_launch
 
@@ -79,6 +80,11 @@ def plan_command(cfg: FleetConfig, node_rank: int | None, dist_init_addr: str | 
                 notes.append(f"dist-init address assumed to be {dist_init_addr}; pass --dist-init-addr "
                              f"<rank 0 address>:{cfg.dist_port}")
         launch = build_launch(cfg, rank, cfg.nnodes, dist_init_addr, advertise)
+        verdict = sglang_parser.check_flags(cfg, launch.argv[3:])
+        if verdict.error:
+            raise ConfigError([verdict.error])
+        if verdict.note:
+            notes.append(verdict.note)
     except ConfigError as e:
         print(e.report(), file=sys.stderr)
         return EX_CONFIG

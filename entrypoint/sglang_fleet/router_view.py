@@ -104,7 +104,8 @@ def router_view(api, cfg: FleetConfig, timeout: float = 3.0) -> dict[str, Any]:
                 (rv["workers"] if w.managed_by(cfg.cluster) else rv["unmanaged"]).append(item)
             rv["differences"] = _compare(desired, workers, cfg.cluster, mode)
         view["routers"].append(rv)
-    view["ok"] = bool(view["routers"]) and not any(r["differences"] for r in view["routers"])
+    # No router registered is not a fault (a cluster may serve without one); a router that differs is.
+    view["ok"] = not any(r["differences"] for r in view["routers"])
     return view
 
 

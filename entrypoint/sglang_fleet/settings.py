@@ -192,7 +192,7 @@ class ConsulSettings:
     http_addr: str = setting("consul", "127.0.0.1:8500", "The Consul agent's HTTP API, `host:port` or "
                              "`http(s)://host:port`. Also decides the default advertise address (the source "
                              "address of the route toward this host).", "10.0.0.5:8500", env="CONSUL_HTTP_ADDR")
-    token: str | None = setting("consul", None, "ACL token (`config/acl/`, docs/security.md). Never logged, never "
+    token: str | None = setting("consul", None, "ACL token (`sglang-fleet acl-policy`, docs/security.md). Never logged, never "
                                 "passed to the engine; shown as `***` by `plan`.", "...", env="CONSUL_HTTP_TOKEN",
                                 secret=True)
     ssl: bool = setting("consul", False, "Use HTTPS.", "1", env="CONSUL_HTTP_SSL")
@@ -254,8 +254,8 @@ class FleetConfig:
         "engine", "", "FLEET_DEVICE=cpu: the cores this node's engine may use, as a Linux CPU list; split evenly "
         "over the node's TP ranks (SGLANG_CPU_OMP_THREADS_BIND). Default: every core this container may run on.",
         "0-31,64-95", parse=_cpu_cores)
-    preset: str | None = setting("engine", None, "Name of a preset in config/presets (the guide's "
-                                 "configurations).", "deepseek-r1-prefill")
+    preset: str | None = setting("engine", None, "Name of a preset shipped in the package "
+                                 "(sglang_fleet/data/presets: the guide's configurations).", "deepseek-r1-prefill")
     model_path: str = setting("engine", "", "Model path or Hugging Face id (SGLang --model-path).",
                               "/models/DeepSeek-R1")
     tp_size: int = setting("engine", 1, "Tensor parallel size across ALL nodes of the group (--tp-size).", "16")
@@ -308,7 +308,7 @@ class FleetConfig:
         "needs RDMA and cannot start without it).", "nixl", TRANSFER_BACKENDS)
     bootstrap_port: int = setting("network", 8998, "Prefill KV bootstrap port (--disaggregation-bootstrap-port).",
                                   "8998")
-    net_profile: str = setting("network", "auto", "NCCL/GLOO profile from config/nccl; auto detects InfiniBand "
+    net_profile: str = setting("network", "auto", "NCCL/GLOO profile shipped in sglang_fleet/data/nccl; auto detects InfiniBand "
                                "and RoCE in /sys/class/infiniband.", "infiniband", NET_PROFILES)
     sysfs_root: str = setting("network", "/sys", "Where auto detection reads sysfs (tests point it at fixtures).",
                               "/sys")
@@ -398,6 +398,59 @@ class FleetConfig:
 SETTINGS = settings_of(FleetConfig)
 CONSUL_SETTINGS = settings_of(ConsulSettings)
 SETTING_BY_KEY = {s.key: s for s in SETTINGS}
+
+# FLEET_* variables that are not settings but are read elsewhere, in one place: any other FLEET_* variable in
+# the environment is a configuration error (a typo would otherwise be ignored). Name -> who reads it and why.
+OTHER_FLEET_VARIABLES = {
+    "FLEET_CONFIG": "sglang-fleet: path of the YAML config file (precedence layer 3)",
+    "FLEET_PRESET_DIR": "sglang-fleet: a directory searched first for `<preset>.yaml`",
+    "FLEET_NCCL_DIR": "sglang-fleet: a directory searched first for `<profile>.env`",
+    "FLEET_ACL_DIR": "sglang-fleet: a directory searched first for `<role>.hcl` (ACL policies)",
+    "FLEET_HOME": "the image: sglang-fleet's venv (Dockerfile, docker-entrypoint.sh, supervisord)",
+    "FLEET_LAUNCHER": "compose/slurm/sglang-fleet.sbatch: docker, pyxis or package",
+    "FLEET_GPU_IMAGE": "compose files and the SLURM script: the GPU image; scripts/images: its tag",
+    "FLEET_MODELS_DIR": "compose files: the host directory mounted at /models",
+    "FLEET_IMAGE": "scripts/images, compose/demo.yml: the CPU image",
+    "FLEET_CONSUL_IMAGE": "scripts/images, compose/demo.yml: the Consul image",
+    "FLEET_BASE_IMAGE": "scripts/images: base of the CPU image",
+    "FLEET_GPU_BASE_IMAGE": "scripts/images: base of the GPU image",
+    "FLEET_CONSUL_UPSTREAM": "scripts/images: the upstream Consul image",
+    "FLEET_REGISTRY": "scripts/images: auto, or no (build without a registry)",
+    "FLEET_DEMO_PORT": "scripts/demo, compose/demo.yml: the router's port on the host",
+    "FLEET_DEMO_CONSUL_PORT": "compose/demo.yml: Consul's port on the host",
+    "FLEET_DEMO_LOG_FORMAT": "compose/demo.yml: FLEET_LOG_FORMAT of the demo",
+    "FLEET_DEMO_TOKEN_DELAY": "compose/demo.yml: the sim engine's delay per token",
+    "FLEET_TOOLS": "scripts: where downloaded tools are kept (default ~/.cache/sglang-fleet)",
+    "FLEET_SGLANG_KERNEL_SRC": "scripts/install-sglang-cpu: source of SGLang's CPU kernels",
+    "FLEET_SGLANG_PYTHON": "tests (conformance, sglang tiers): the Python of the SGLang venv",
+    "FLEET_CONSUL_BIN": "tests: the Consul binary",
+    "FLEET_SMG_BIN": "tests: the smg binary",
+    "FLEET_CT_DUMP_LOGS": "tests (containers tier): 1 prints every container's logs",
+    "FLEET_GPU_PYTHON": "tests (gpu tier): the Python with torch",
+    "FLEET_GPU_RESULTS": "scripts/gpu-validate: where the GPU tier's results go",
+    "FLEET_NCCL_CHECK_BACKEND": "tests (gpu tier): gloo runs the NCCL-check cases on CPUs",
+}
+
+# What `node` and `router` read (their --help lists it): whole sections, and the router's few others.
+COMMAND_SETTINGS = {
+    "node": {"sections": ("node", "engine", "network", "sim", "consul", "logging"), "keys": ()},
+    "router": {"sections": ("router", "consul", "logging"),
+               "keys": ("role", "cluster", "node_name", "advertise_addr", "backoff_base", "backoff_max",
+                        "start_attempts")},
+}
+
+
+def settings_read_by(command: str) -> list[Setting]:
+    """The settings `command` reads, in SECTIONS order."""
+    wanted = COMMAND_SETTINGS[command]
+    rows = [s for s in SETTINGS + CONSUL_SETTINGS if s.section in wanted["sections"] or s.key in wanted["keys"]]
+    return sorted(rows, key=lambda s: list(SECTIONS).index(s.section))
+
+
+def known_variables() -> set[str]:
+    """Every FLEET_* (and Consul) variable sglang-fleet knows: settings, their `_FILE` forms, the others."""
+    rows = SETTINGS + CONSUL_SETTINGS
+    return {s.env for s in rows} | {s.env + "_FILE" for s in rows if s.secret} | set(OTHER_FLEET_VARIABLES)
 
 
 def describe_settings() -> list[dict[str, str]]:

@@ -3,6 +3,9 @@
 For every group: its generation, members (rank, node, address, heartbeat health), nodes waiting without
 a rank, the leader (dist-init) address, the serving registration and its health, and why the previous
 generation ended. Then what each router routes to (router_view.py).
+
+Exit status, for schedulers and scripts: 0 healthy, 1 degraded (`problems` says why), 2 Consul could not
+be read (unreachable, or it refused the token).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from sglang_fleet import router_view
 from sglang_fleet.config import FleetConfig
 
 WORST = ("critical", "warning", "maintenance", "passing")
+HEALTHY, DEGRADED, CONSUL_UNREADABLE = 0, 1, 2
 
 
 def _health(checks: list[dict]) -> str:
@@ -90,6 +94,39 @@ def _int(v: Any) -> int | None:
         return None
 
 
+def problems(data: dict[str, Any]) -> list[str]:
+    """Why the cluster is not healthy: every group must serve (its registration passing, all its ranks
+    claimed with passing heartbeats, no FATAL node) and every router must route what Consul says."""
+    found: list[str] = []
+    if not data["groups"]:
+        found.append(f"cluster {data['cluster']} has no group")
+    for g in data["groups"]:
+        name = g["group"]
+        serving = g["serving"]
+        if not serving:
+            found.append(f"group {name}: not serving (no serving registration)")
+        elif serving["health"] != "passing":
+            found.append(f"group {name}: serving registration is {serving['health']}")
+        if g["nnodes"] is not None and len(g["members"]) < g["nnodes"]:
+            found.append(f"group {name}: {len(g['members'])} of {g['nnodes']} ranks claimed")
+        found += [f"group {name}: rank {m['rank']} ({m['node']}) heartbeat {m['heartbeat']}"
+                  for m in g["members"] if m["heartbeat"] != "passing"]
+        found += [f"group {name}: node {f.get('node')} is FATAL: {f.get('reason')}" for f in g.get("fatal") or []]
+    routers = data.get("routers") or {}
+    if "error" in routers:
+        found.append(routers["error"])
+    elif not routers.get("ok", True):
+        found += [d for r in routers["routers"] for d in r["differences"]]
+    return found
+
+
+def assess(data: dict[str, Any]) -> dict[str, Any]:
+    """Adds the verdict to `data`: "problems" (empty when healthy) and "ok"."""
+    data["problems"] = problems(data)
+    data["ok"] = not data["problems"]
+    return data
+
+
 def format_text(data: dict[str, Any]) -> str:
     lines = [f"cluster {data['cluster']} (Consul {data['consul']}): {len(data['groups'])} group(s)"]
     for g in data["groups"]:
@@ -116,20 +153,27 @@ def format_text(data: dict[str, Any]) -> str:
     routers = data.get("routers")
     if routers:
         lines.append(f"routers: {routers['error']}" if "error" in routers else router_view.format_router_view(routers))
+    if "ok" in data:
+        lines.append("healthy" if data["ok"] else "DEGRADED: " + "; ".join(data["problems"]))
     return "\n".join(lines)
 
 
 def run(cfg: FleetConfig, as_json: bool = False) -> int:
+    """Prints the cluster's state; returns HEALTHY, DEGRADED or CONSUL_UNREADABLE (the exit status)."""
     api = ca.ConsulAPI(cfg.consul)
     try:
         data = collect(api, cfg.cluster)
+        try:
+            data["routers"] = router_view.router_view(api, cfg)
+        except ca.ConsulError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - status must work without a router
+            data["routers"] = {"error": f"router view unavailable: {exc}"}
     except ca.ConsulError as exc:
         print(f"sglang-fleet status: cannot read Consul at {api.address}: {exc}", file=sys.stderr)
-        return 1
-    try:
-        data["routers"] = router_view.router_view(api, cfg)
-    except Exception as exc:  # noqa: BLE001 - status must work without a router
-        data["routers"] = {"error": f"router view unavailable: {exc}"}
+        return CONSUL_UNREADABLE
+    finally:
+        api.close()
+    assess(data)
     print(json.dumps(data, indent=2, sort_keys=True) if as_json else format_text(data))
-    api.close()
-    return 0
+    return HEALTHY if data["ok"] else DEGRADED

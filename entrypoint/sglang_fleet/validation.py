@@ -172,8 +172,10 @@ def _validate_node(cfg: FleetConfig) -> list[str]:
     if cfg.role == "decode" and prefill_only:
         p.append(f"FLEET_SGLANG_ARGS: {', '.join('--' + f for f in prefill_only)} are prefill options; "
                  f"this node has FLEET_ROLE=decode (allowed there: decode and general options)")
-    for flag in flags:
-        if flag in RESERVED_ENGINE_FLAGS:
-            p.append(f"FLEET_SGLANG_ARGS: --{flag} is set by sglang-fleet; use {RESERVED_ENGINE_FLAGS[flag]} "
-                     f"instead")
     return p
+
+
+def reserved_flag_problems(flags: list[str], label: str) -> list[str]:
+    """Engine flags of one layer (FLEET_SGLANG_ARGS, a preset, the command line) that sglang-fleet sets."""
+    return [f"{label}: --{flag} is set by sglang-fleet; use {RESERVED_ENGINE_FLAGS[flag]} instead"
+            for flag in flags if flag in RESERVED_ENGINE_FLAGS]

@@ -1,7 +1,7 @@
 """sglang-fleet against a locked-down Consul: ACLs in default-deny mode and HTTPS only with client
 certificates (verify_incoming), both made at test time with Consul's own commands.
 
-- The shipped policies (config/acl/node.hcl, router.hcl), created with `consul acl policy create` and
+- The shipped policies (sglang_fleet/data/acl/node.hcl, router.hcl), created with `consul acl policy create` and
   `consul acl token create` as docs/security.md tells an operator: a 2-node group forms, registers and is
   routed; one node reads its token from CONSUL_HTTP_TOKEN_FILE; no token reaches the logs or the engine.
 - Each mistake gives exit 78 and one line naming the variable and, for ACLs, the right that is missing:
@@ -51,7 +51,7 @@ def consul_cli(agent: ConsulAgent, *args: str, stdin: str | None = None) -> str:
 
 
 def make_token(agent: ConsulAgent, role: str, cluster: str) -> str:
-    """`sglang-fleet acl-policy`'s rendering of config/acl/<role>.hcl, created as docs/security.md says."""
+    """`sglang-fleet acl-policy`'s rendering of sglang_fleet/data/acl/<role>.hcl, created as docs/security.md says."""
     name = f"sglang-fleet-{role}-{cluster}"
     policy = subprocess.run([str(FLEET_BIN), "acl-policy", role, "--cluster", cluster, "--consul-node", AGENT_NODE],
                             capture_output=True, text=True, check=True, timeout=30).stdout
@@ -114,7 +114,7 @@ def test_each_mistake_is_one_line_and_exit_78(case, secure_consul, consul_bin, c
     elif case == "router token on a node":
         env["CONSUL_HTTP_TOKEN"] = make_token(secure_consul, "router", cluster_name)
         expected = ["CONSUL_HTTP_TOKEN lacks", f'key:write on "sglang-fleet/{cluster_name}/"',
-                    'service:write on "sglang-fleet-member"', "config/acl/node.hcl"]
+                    'service:write on "sglang-fleet-member"', "sglang-fleet acl-policy node"]
     elif case == "node token on a router":
         command = "router"
         env.update(FLEET_ROLE="router", CONSUL_HTTP_TOKEN=make_token(secure_consul, "node", cluster_name))

@@ -65,6 +65,12 @@ def flag(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
+def run_status(env: dict, *args: str, expect: int | None = None) -> subprocess.CompletedProcess | None:
+    """`sglang-fleet status`; with `expect`, None unless it exited with that status."""
+    proc = subprocess.run([str(FLEET_BIN), "status", *args], env=env, capture_output=True, text=True, timeout=60)
+    return proc if expect is None or proc.returncode == expect else None
+
+
 def test_two_and_four_node_groups_form_then_status_and_graceful_leave(supervisors, consul_api, cluster_name):
     two = supervisors.group("pair", 2)
     four = supervisors.group("quad", 4)
@@ -92,16 +98,16 @@ def test_two_and_four_node_groups_form_then_status_and_graceful_leave(supervisor
     assert len([s for s in four if s.events("registered serving service")]) == 1
 
     # `sglang-fleet status --json` shows both groups with ranks and the serving registration.
-    out = subprocess.run([str(FLEET_BIN), "status", "--json"], env=two[0].env, capture_output=True, text=True,
-                         timeout=60)
-    assert out.returncode == 0, out.stderr
+    # Exit 0 once both groups serve with passing checks (the HTTP check may need one interval).
+    out = wait_until(lambda: run_status(two[0].env, "--json", expect=0), 30, "status exit 0 (healthy)")
+    assert json.loads(out.stdout)["ok"] is True and json.loads(out.stdout)["problems"] == []
     status = {g["group"]: g for g in json.loads(out.stdout)["groups"]}
     assert sorted(m["rank"] for m in status["pair"]["members"]) == [0, 1]
     assert {m["heartbeat"] for m in status["pair"]["members"]} == {"passing"}
     assert status["pair"]["serving"]["health"] == "passing"
     assert status["quad"]["nnodes"] == 4
     text = subprocess.run([str(FLEET_BIN), "status"], env=two[0].env, capture_output=True, text=True, timeout=60)
-    assert "group pair" in text.stdout and "serving sglang-" in text.stdout
+    assert "group pair" in text.stdout and "serving sglang-" in text.stdout and text.stdout.endswith("healthy\n")
 
     # SIGTERM: graceful leave, exit 0, everything of this node withdrawn; the peer goes back to waiting.
     leaver = next(s for s in two if not s.events("registered serving service"))
@@ -116,6 +122,11 @@ def test_two_and_four_node_groups_form_then_status_and_graceful_leave(supervisor
     stayer.wait_for("waiting for peers 1/2", since=mark)
     wait_until(lambda: not serving(consul_api, cluster_name, "pair", passing=False), 30,
                "serving registration of pair withdrawn")
+    # A group not serving: status says why and exits 1 (degraded); the quad group still serves.
+    degraded = run_status(two[0].env, "--json")
+    assert degraded.returncode == 1, degraded.stdout + degraded.stderr
+    assert "group pair: not serving (no serving registration)" in json.loads(degraded.stdout)["problems"]
+    assert not [p for p in json.loads(degraded.stdout)["problems"] if p.startswith("group quad")]
     _, members = consul_api.health_service("sglang-fleet-member", tag=f"cluster:{cluster_name}", passing=False)
     assert leaver.name not in {(e["Service"]["Meta"] or {}).get("node") for e in members}
 

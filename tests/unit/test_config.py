@@ -387,3 +387,15 @@ def test_the_router_agents_own_smg_flags_are_reserved():
     assert problem == ("FLEET_ROUTER_ARGS: --control-plane-api-keys is set by sglang-fleet; use FLEET_ROUTER_ADMIN_KEY "
                        "(or FLEET_ROUTER_ADMIN_KEY_FILE) instead")
     assert "a:b:admin:c" not in problem
+
+
+def test_shipped_files_come_from_the_package_and_an_operators_directory_first(tmp_path, monkeypatch):
+    from sglang_fleet import shipped
+    assert shipped.find(shipped.PRESETS, "sim-demo") == shipped.package_dir(shipped.PRESETS) / "sim-demo.yaml"
+    assert shipped.find(shipped.PRESETS, "../presets/sim-demo") is None  # a name, never a path
+    (tmp_path / "sim-demo.yaml").write_text("nnodes: 1\n")
+    (tmp_path / "site-only.yaml").write_text("nnodes: 1\n")
+    monkeypatch.setenv("FLEET_PRESET_DIR", str(tmp_path))
+    assert shipped.find(shipped.PRESETS, "sim-demo") == tmp_path / "sim-demo.yaml"
+    assert {"site-only", "sim-demo", "llama-405b-tp16-2node"} <= set(preset_names())
+    assert str(tmp_path) in shipped.searched(shipped.PRESETS)

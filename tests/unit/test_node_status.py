@@ -1,6 +1,13 @@
 """`sglang-fleet status`: turning Consul's answers into the groups view (text and JSON)."""
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
 from sglang_fleet import consul_api as ca
 from sglang_fleet import rendezvous as rdv
 from sglang_fleet import status
@@ -76,3 +83,68 @@ def test_a_fatal_node_is_shown_with_its_reason():
     assert g["fatal"] == [{"node": "b", "reason": "engine failed in 2 consecutive generation(s)", "at": 1}]
     assert g["members"] == [] and g["generation"] == 4
     assert "  FATAL   b: engine failed in 2 consecutive generation(s)" in status.format_text(data).splitlines()
+
+
+def serving_entry(group, health="passing"):
+    return {"Service": {"ID": f"sglang-c-{group}", "Address": "10.0.0.1", "Port": 30000,
+                        "Meta": {"group": group, "role": "regular", "generation": "1"}},
+            "Checks": [{"Name": "engine /health", "Status": health, "ServiceID": f"sglang-c-{group}"}]}
+
+
+def one_group(nnodes=1, members=(("a", "passing"),), serving=("passing",), fatal=()):
+    k = rdv.Keys("c", "g1")
+    kv = [ca.KVEntry(k.gen, b"1", 5)]
+    for rank, (node, _) in enumerate(members):
+        kv.append(ca.KVEntry(k.rank(1, rank), b'{"node":"%s","addr":"10.0.0.%d","fingerprint":{"nnodes":%d}}'
+                             % (node.encode(), rank + 1, nnodes), 6, "s"))
+    kv += [ca.KVEntry(k.fatal(node), b'{"node":"%s","reason":"engine failed"}' % node.encode(), 9) for node in fatal]
+    services = {"sglang-fleet-member": [member_entry("g1", node, "10.0.0.1", hb) for node, hb in members],
+                "sglang": [serving_entry("g1", h) for h in serving]}
+    return status.collect(Answers(kv, services), "c")
+
+
+def routers(*differences):
+    """router_view.router_view's answer with one router that differs from Consul as given."""
+    return {"cluster": "c", "ok": not differences, "routers": [
+        {"id": "r", "url": "http://r:8000", "mode": "regular", "passing": True, "error": None, "workers": [],
+         "unmanaged": [], "differences": list(differences)}]}
+
+
+@pytest.mark.parametrize("data, problem", [
+    (lambda: one_group(serving=()), "group g1: not serving (no serving registration)"),
+    (lambda: one_group(serving=("critical",)), "group g1: serving registration is critical"),
+    (lambda: one_group(nnodes=2), "group g1: 1 of 2 ranks claimed"),
+    (lambda: one_group(members=(("a", "critical"),)), "group g1: rank 0 (a) heartbeat critical"),
+    (lambda: one_group(fatal=("b",)), "group g1: node b is FATAL: engine failed"),
+    (lambda: status.collect(Answers([], {}), "c"), "cluster c has no group"),
+    (lambda: {**one_group(), "routers": routers("http://x:1 is routed but no longer passes in Consul")},
+     "http://x:1 is routed but no longer passes in Consul"),
+    (lambda: {**one_group(), "routers": {"error": "router view unavailable: boom"}}, "router view unavailable: boom"),
+])
+def test_degraded_cluster_names_why(data, problem):
+    assessed = status.assess(data())
+    assert assessed["ok"] is False and problem in assessed["problems"]
+    assert status.format_text(assessed).splitlines()[-1].startswith("DEGRADED: ")
+
+
+def test_serving_group_without_router_is_healthy():
+    data = status.assess({**one_group(), "routers": {"cluster": "c", "ok": True, "routers": []}})
+    assert data["ok"] is True and data["problems"] == []
+    assert status.format_text(data).splitlines()[-1] == "healthy"
+
+
+def test_status_exits_2_when_consul_is_unreachable():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "CONSUL_"))}
+    proc = subprocess.run([sys.executable, "-m", "sglang_fleet", "status"], capture_output=True, text=True,
+                          env={**env, "CONSUL_HTTP_ADDR": f"127.0.0.1:{port}"}, timeout=60)
+    assert proc.returncode == status.CONSUL_UNREADABLE == 2
+    assert proc.stderr.startswith(f"sglang-fleet status: cannot read Consul at 127.0.0.1:{port}")
+
+
+def test_status_help_documents_the_exit_codes():
+    proc = subprocess.run([sys.executable, "-m", "sglang_fleet", "status", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert "0 healthy" in proc.stdout and "1 degraded" in proc.stdout and "2 Consul" in proc.stdout
