@@ -17,12 +17,12 @@ from typing import Mapping
 from sglang_fleet import netprofile, sglang_parser
 from sglang_fleet.config import EX_CONFIG, ConfigError, FleetConfig
 from sglang_fleet.launch import build_launch
+from sglang_fleet.secret_files import REDACTED
 
 # Flags are matched word by word (`--api-key` yes, `--max-prefill-tokens` no).
 SECRET_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 SECRET_FLAG_WORDS = frozenset({"token", "key", "keys", "apikey", "secret", "password", "passwd", "credential",
                                "credentials"})
-REDACTED = "***"
 
 
 def redact_env(env: Mapping[str, str]) -> dict[str, str]:

@@ -69,7 +69,7 @@ def test_config_show_names_each_value_and_where_it_came_from(tmp_path):
     file = tmp_path / "fleet.yaml"
     file.write_text("stop_grace: 12\nsglang_args: {log-level: debug}\n")
     env = {**BASE, "FLEET_PRESET": "llama-405b-tp16-2node", "FLEET_GROUP": "g", "FLEET_CONFIG": str(file),
-           "FLEET_SGLANG_ARGS": "--api-key hush", "FLEET_ROUTER_API_KEY": "s3cret", "CONSUL_HTTP_TOKEN": "tok"}
+           "FLEET_SGLANG_ARGS": "--ssl-keyfile-password hush", "FLEET_ROUTER_API_KEY": "s3cret", "CONSUL_HTTP_TOKEN": "tok"}
     proc = run_cli(env, "config", "show", "--json", "--", "--mem-fraction-static", "0.85")
     assert proc.returncode == 0, proc.stderr
     rows = {r["env"]: r for r in json.loads(proc.stdout)}
@@ -78,7 +78,7 @@ def test_config_show_names_each_value_and_where_it_came_from(tmp_path):
     assert (rows["FLEET_STOP_GRACE"]["value"], rows["FLEET_STOP_GRACE"]["source"]) == ("12.0", f"file {file}")
     assert (rows["FLEET_GROUP"]["value"], rows["FLEET_GROUP"]["source"]) == ("g", "env FLEET_GROUP")
     assert rows["FLEET_SGLANG_ARGS"]["source"] == f"file {file} + env FLEET_SGLANG_ARGS + command line"
-    assert rows["FLEET_SGLANG_ARGS"]["value"] == "--log-level debug --api-key *** --mem-fraction-static 0.85"
+    assert rows["FLEET_SGLANG_ARGS"]["value"] == "--log-level debug --ssl-keyfile-password *** --mem-fraction-static 0.85"
     assert rows["FLEET_ROUTER_API_KEY"]["value"] == rows["CONSUL_HTTP_TOKEN"]["value"] == "***"
     assert rows["CONSUL_HTTP_TOKEN"]["source"] == "env CONSUL_HTTP_TOKEN"
     assert "hush" not in proc.stdout and "s3cret" not in proc.stdout and "tok\"" not in proc.stdout
