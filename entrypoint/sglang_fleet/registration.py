@@ -16,11 +16,10 @@ import threading
 import time
 
 from sglang_fleet import consul_api as ca
+from sglang_fleet import contract
 from sglang_fleet import logs
 from sglang_fleet.config import FleetConfig
 
-MEMBER_SERVICE = "sglang-fleet-member"
-SERVING_SERVICE = "sglang"
 HEARTBEAT_TTL = "3s"
 HEARTBEAT_INTERVAL = 1.0
 DEREGISTER_AFTER = "1m"  # Consul raises anything lower to 1 m
@@ -31,22 +30,24 @@ KEEPING_UP_BEATS = 2
 
 
 def member_id(cfg: FleetConfig) -> str:
-    return f"sglang-fleet-{cfg.cluster}-{cfg.group or cfg.node_name}-{cfg.node_name}"
+    return contract.member_id(cfg.cluster, cfg.group or cfg.node_name, cfg.node_name)
 
 
 def serving_id(cfg: FleetConfig) -> str:
-    return f"sglang-{cfg.cluster}-{cfg.group or cfg.node_name}"
+    return contract.serving_id(cfg.cluster, cfg.group or cfg.node_name)
 
 
 def serving_ttl_check_id(cfg: FleetConfig) -> str:
-    return serving_id(cfg) + "-supervisor"
+    return contract.serving_ttl_check_id(cfg.cluster, cfg.group or cfg.node_name)
 
 
 def register_member(api: ca.ConsulAPI, cfg: FleetConfig, addr: str) -> None:
     group = cfg.group or cfg.node_name
     api.register_service(
-        MEMBER_SERVICE, member_id(cfg), address=addr, tags=[f"cluster:{cfg.cluster}", f"group:{group}"],
-        meta={"cluster": cfg.cluster, "group": group, "node": cfg.node_name, "role": cfg.role},
+        contract.MEMBER_SERVICE, member_id(cfg), address=addr,
+        tags=[contract.cluster_tag(cfg.cluster), contract.group_tag(group)],
+        meta={contract.META_CLUSTER: cfg.cluster, contract.META_GROUP: group, contract.META_NODE: cfg.node_name,
+              contract.META_ROLE: cfg.role},
         checks=[{"CheckID": member_id(cfg), "Name": "sglang-fleet supervisor heartbeat", "TTL": HEARTBEAT_TTL,
                  "Status": "passing", "DeregisterCriticalServiceAfter": DEREGISTER_AFTER}])
 
@@ -55,13 +56,14 @@ def serving_definition(cfg: FleetConfig, addr: str, generation: int) -> dict:
     """Arguments for ConsulAPI.register_service, exactly as docs/protocol.md describes the serving service."""
     group = cfg.group or cfg.node_name
     sid = serving_id(cfg)
-    meta = {"cluster": cfg.cluster, "group": group, "generation": str(generation), "role": cfg.role,
-            "model": cfg.model_path, "nnodes": str(cfg.nnodes), "tp_size": str(cfg.tp_size)}
+    meta = {contract.META_CLUSTER: cfg.cluster, contract.META_GROUP: group, contract.META_GENERATION: str(generation),
+            contract.META_ROLE: cfg.role, contract.META_MODEL: cfg.model_path, contract.META_NNODES: str(cfg.nnodes),
+            contract.META_TP_SIZE: str(cfg.tp_size)}
     if cfg.role == "prefill":
-        meta["bootstrap_port"] = str(cfg.bootstrap_port)
+        meta[contract.META_BOOTSTRAP_PORT] = str(cfg.bootstrap_port)
     return {
-        "name": SERVING_SERVICE, "service_id": sid, "address": addr, "port": cfg.http_port,
-        "tags": [cfg.role, f"cluster:{cfg.cluster}"], "meta": meta,
+        "name": contract.SERVING_SERVICE, "service_id": sid, "address": addr, "port": cfg.http_port,
+        "tags": [cfg.role, contract.cluster_tag(cfg.cluster)], "meta": meta,
         "checks": [
             {"CheckID": sid + "-health", "Name": "engine /health", "HTTP": f"http://{addr}:{cfg.http_port}/health",
              "Method": "GET", "Interval": HEALTH_INTERVAL, "Timeout": HEALTH_TIMEOUT,

@@ -43,10 +43,10 @@ def router_view(api, cfg: FleetConfig, timeout: float = 3.0) -> dict[str, Any]:
     """{"cluster", "consul": [passing services], "routers": [{"id", "url", "mode", "passing", "error",
     "workers": [...], "unmanaged": [...], "differences": [...]}], "ok"}. Raises ConsulError when Consul
     cannot be read (status reports that itself)."""
-    from sglang_fleet.router import ROUTER_SERVICE, SERVICE
+    from sglang_fleet.contract import ROUTER_SERVICE, SERVING_SERVICE, cluster_tag
     from sglang_fleet.router_state import desired_from_services
-    tag = f"cluster:{cfg.cluster}"
-    _, services = api.health_service(SERVICE, tag=tag, passing=True)
+    tag = cluster_tag(cfg.cluster)
+    _, services = api.health_service(SERVING_SERVICE, tag=tag, passing=True)
     desired, problems = desired_from_services(services, cfg.cluster)
     _, routers = api.health_service(ROUTER_SERVICE, tag=tag, passing=False)
     view: dict[str, Any] = {"cluster": cfg.cluster, "problems": problems, "routers": [],
