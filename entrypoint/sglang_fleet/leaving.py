@@ -68,8 +68,8 @@ class Leaving:
 
     def _step_ending(self) -> str:
         e = self.ending
-        if self.serving:
-            return self._withdraw_serving()
+        if self.serving.registered:
+            return self.serving.withdraw()
         if self.engine is not None and self.engine.state is not EngineState.STOPPED:
             self.engine.stop()  # logs how it went
             return f"engine of generation {e.generation} stopped"
@@ -90,29 +90,19 @@ class Leaving:
         budget = f"failure {self.failures}/{self.cfg.max_failures}" if self.failures else "no failure counted"
         return f"restarting the group in {delay:.1f} s ({budget})"
 
-    def _withdraw_serving(self) -> str:
-        self.heartbeat.pass_serving(None)
-        self.serving = False
-        try:
-            self.api.deregister_service(reg.serving_id(self.cfg))
-        except ca.ConsulError as exc:
-            # Without its TTL passes the registration goes critical in 3 s; the engine must stop anyway.
-            return f"could not withdraw serving registration ({exc}); its TTL check lapses in 3 s"
-        return f"withdrew serving registration {reg.serving_id(self.cfg)}"
-
     def _reset_generation(self) -> None:
         self.generation = self.rank = self.assignment = self.engine = None
         self.engine_ready_at = self.engine_failed_at = self.restart_engine_at = None
         self.start_attempts = 0
-        self.serving_closed = self.drain_confirmed = False
+        self.drain_confirmed = False
+        self.serving.reopen()
         self.drain = self.drain_outcome = None
         structlog.contextvars.unbind_contextvars("generation", "rank")
 
     # ---- draining ---------------------------------------------------------------------------------------
     def _start_drain(self, why: str) -> str:
         """Rank 0: withdraw the serving registration, keep everything else running, start draining."""
-        withdrew = self._withdraw_serving()
-        self.serving_closed = True
+        withdrew = self.serving.close()
         base_url = f"http://127.0.0.1:{self.cfg.http_port}"
         self.drain = dr.Drain(lambda: dr.requests_in_flight(base_url), self.cfg.drain_timeout)
         self.drain_outcome = None
@@ -130,10 +120,9 @@ class Leaving:
         """Rank 0: a member asked (K/g<G>/draining). Withdraw, drain, then answer with K/g<G>/drained."""
         asker = view.draining.get("by") or "a member"
         if self.drain is None and self.drain_outcome is None:
-            if self.serving and self.cfg.drain_timeout > 0:
+            if self.serving.registered and self.cfg.drain_timeout > 0:
                 return self._start_drain(f"{asker} is stopping")
-            self.drain_outcome = self._withdraw_serving() if self.serving else "was not serving"
-            self.serving_closed = True
+            self.drain_outcome = self.serving.close()
         if self.drain is not None:
             sentence = self._step_drain()
             if self.drain is not None:
@@ -152,7 +141,7 @@ class Leaving:
         if self.cfg.drain_timeout <= 0 or self.assignment is None or self.ending is not None:
             return None
         if self.rank == 0:
-            return self._start_drain("stop requested") if self.serving else None
+            return self._start_drain("stop requested") if self.serving.registered else None
         if self.engine is None or self.engine.poll() is not EngineState.RUNNING:
             return None
         g = self.generation
@@ -197,8 +186,8 @@ class Leaving:
     def shutdown(self, why: str) -> None:
         """Withdraw serving, stop the engine, destroy the session, deregister the heartbeat. Best effort."""
         steps = []
-        if self.serving:
-            steps.append(self._withdraw_serving())
+        if self.serving.registered:
+            steps.append(self.serving.withdraw())
         if self.engine is not None and self.engine.state is not EngineState.STOPPED:
             steps.append(self.engine.stop())
         if self.session:

@@ -53,6 +53,7 @@ class Node(Leaving):
         self.helpers_stop = threading.Event()  # stops heartbeat/watcher at the very end
         self.wake = threading.Event()
         self.heartbeat = reg.Heartbeat(cfg, self.addr, self.helpers_stop)
+        self.serving = reg.ServingRegistration(self.api, cfg, self.addr, self.heartbeat)
         self.watcher = Watcher(cfg, self.rdv.keys.prefix, self.wake, self.helpers_stop)
         self.log = logs.get("sglang_fleet.node")
         # Per generation:
@@ -67,8 +68,6 @@ class Node(Leaving):
         self.start_attempts = 0
         self.engine_failed_at: float | None = None
         self.restart_engine_at: float | None = None
-        self.serving = False
-        self.serving_closed = False  # withdrawn for a drain: not registered again in this generation
         self.drain: dr.Drain | None = None
         self.drain_outcome: str | None = None  # how the last drain ended (rank 0)
         self.drain_confirmed = False  # rank 0 wrote K/g<G>/drained
@@ -299,20 +298,16 @@ class Node(Leaving):
             self.engine_failed_at = None
             if self.engine_ready_at is None:
                 self.engine_ready_at = now
-            if self.rank == 0 and not self.serving and not self.serving_closed:
-                reg.register_serving(self.api, self.cfg, self.addr, a.generation)
-                self.serving = True
-                self.heartbeat.pass_serving(reg.serving_ttl_check_id(self.cfg))
-                return (f"registered serving service {reg.serving_id(self.cfg)} ({self.cfg.role}) at "
-                        f"http://{self.addr}:{self.cfg.http_port} for generation {a.generation}")
+            if self.rank == 0 and self.serving.wanted:
+                return self.serving.register(a.generation)
             if self.failures and now - self.engine_ready_at >= self.cfg.stable_after:
                 self.failures = 0
                 return f"generation {a.generation} stable for {self.cfg.stable_after:g} s; failure count reset"
             self._wait(0.5)
             return f"rank {a.rank} of {a.nnodes}, engine ready in generation {a.generation}"
         # EXITED or UNHEALTHY: our engine failed. Stop the router sending to it before anything else.
-        if self.serving:
-            return self._withdraw_serving()
+        if self.serving.registered:
+            return self.serving.withdraw()
         # Was it a peer's failure first (NCCL abort)?
         reason = self.engine.reason
         if self.engine_failed_at is None:

@@ -81,6 +81,49 @@ def register_serving(api: ca.ConsulAPI, cfg: FleetConfig, addr: str, generation:
                          meta=d["meta"], checks=d["checks"])
 
 
+class ServingRegistration:
+    """The serving service's whole life (rank 0): registered once the engine is ready; withdrawn when the
+    engine fails or the generation ends; closed for a drain (withdrawn and not registered again in this
+    generation, `reopen()` for the next one). While registered, the heartbeat thread passes its TTL check."""
+
+    def __init__(self, api: ca.ConsulAPI, cfg: FleetConfig, addr: str, heartbeat: "Heartbeat"):
+        self.api, self.cfg, self.addr, self.heartbeat = api, cfg, addr, heartbeat
+        self.id = serving_id(cfg)
+        self.registered = False
+        self.closed = False  # withdrawn for a drain: not registered again in this generation
+
+    @property
+    def wanted(self) -> bool:
+        """Rank 0 with a ready engine registers now: not yet registered and not closed for a drain."""
+        return not self.registered and not self.closed
+
+    def register(self, generation: int) -> str:
+        register_serving(self.api, self.cfg, self.addr, generation)
+        self.registered = True
+        self.heartbeat.pass_serving(serving_ttl_check_id(self.cfg))
+        return (f"registered serving service {self.id} ({self.cfg.role}) at "
+                f"http://{self.addr}:{self.cfg.http_port} for generation {generation}")
+
+    def withdraw(self) -> str:
+        self.heartbeat.pass_serving(None)
+        self.registered = False
+        try:
+            self.api.deregister_service(self.id)
+        except ca.ConsulError as exc:
+            # Without its TTL passes the registration goes critical in 3 s; the engine must stop anyway.
+            return f"could not withdraw serving registration ({exc}); its TTL check lapses in 3 s"
+        return f"withdrew serving registration {self.id}"
+
+    def close(self) -> str:
+        """For a drain: withdraw (when registered) and stay withdrawn for the rest of this generation."""
+        self.closed = True
+        return self.withdraw() if self.registered else "was not serving"
+
+    def reopen(self) -> None:
+        """A new generation may register again."""
+        self.closed = False
+
+
 class Heartbeat(threading.Thread):
     """Passes the member TTL check (and the serving TTL check while registered) every second."""
 
