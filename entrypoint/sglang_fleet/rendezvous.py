@@ -156,14 +156,15 @@ def fingerprint(cfg: FleetConfig, version: str | None = None) -> dict[str, Any]:
     return fp
 
 
-def fingerprint_mismatches(view: GroupView, mine: Mapping[str, Any], me: str) -> list[str]:
-    """One phrase per (other node, field) that differs from this node's fingerprint."""
+def fingerprint_mismatches(view: GroupView, mine: Mapping[str, Any], me: str,
+                           fields: tuple[str, ...] = FINGERPRINT_FIELDS) -> list[str]:
+    """One phrase per (other node, field among `fields`) that differs from this node's fingerprint."""
     out = []
     for r in sorted(view.members):
         m = view.members[r]
         if m.node == me:
             continue
-        for key in FINGERPRINT_FIELDS:
+        for key in fields:
             theirs, ours = m.fingerprint.get(key), mine.get(key)
             if theirs != ours:
                 out.append(f"{m.node} (rank {r}) differs in {key}: {_show(theirs)} there, {_show(ours)} here")
