@@ -17,7 +17,8 @@ from sglang_fleet import node as node_mod
 from sglang_fleet import registration as reg
 from sglang_fleet.engine import EngineState
 from sglang_fleet.retry import backoff
-from test_rendezvous import FakeStore, cfg
+from fake_consul import FakeStore
+from rendezvous_contract import fleet_config as cfg
 
 
 class FakeAPI(FakeStore):
@@ -40,10 +41,6 @@ class FakeAPI(FakeStore):
         self.calls.append(("session_destroy", sid))
         super().session_destroy(sid)
 
-    def kv_acquire(self, key, value, session):
-        if session not in self.sessions:  # what consul_api makes of Consul's 500 "invalid session"
-            raise ca.ConsulNotFound(f'kv_acquire: 500 invalid session "{session}"')
-        super().kv_acquire(key, value, session)
 
 
 class ScriptedEngine:
