@@ -11,12 +11,9 @@ import time
 import pytest
 import structlog
 
-from sglang_fleet import consul_api as ca
 from sglang_fleet import drain as dr
 from sglang_fleet import node as node_mod
-from sglang_fleet import registration as reg
 from sglang_fleet.engine import EngineState
-from sglang_fleet.retry import backoff
 from fake_consul import FakeStore
 from rendezvous_contract import fleet_config as cfg
 
@@ -241,32 +238,6 @@ def test_no_session_while_the_own_heartbeat_does_not_reach_consul(world):
     cycle_until(b, "claimed rank 1 of 2 in generation 0")
 
 
-def test_heartbeat_keeps_up_only_while_its_own_recent_passes_succeed():
-    hb = reg.Heartbeat(cfg(FLEET_NODE_NAME="a"), "10.0.0.1", threading.Event())
-
-    class Agent:
-        fail = False
-
-        def register_service(self, *a, **kw):
-            pass
-
-        def pass_ttl(self, check_id):
-            if self.fail:
-                raise ca.ConsulUnavailable("pass_ttl: ReadTimeout")
-
-    agent = Agent()
-    assert not hb.keeping_up()  # no pass yet
-    hb._beat(agent)
-    assert hb.registered.is_set() and hb.keeping_up()
-    assert not hb.keeping_up(now=time.monotonic() + reg.KEEPING_UP_BEATS * hb.interval + 0.1)  # stuck in a beat
-    agent.fail = True
-    hb._beat(agent)
-    assert not hb.keeping_up() and "ReadTimeout" in hb.last_error
-    agent.fail = False
-    hb._beat(agent)
-    assert hb.keeping_up() and hb.last_error is None
-
-
 def test_a_wake_just_after_a_timed_out_sleep_is_not_lost(world):
     api, calls, engines = world
 
@@ -287,14 +258,6 @@ def test_a_wake_just_after_a_timed_out_sleep_is_not_lost(world):
     n._sleep(0.01)
     n._sleep(0.5)
     assert n.membership.fresh  # the change is read in the next cycle, not up to RE_READ_EVERY later
-
-
-def test_backoff_grows_and_is_capped():
-    assert backoff(0, 1, 60) == 0
-    first = backoff(1, 1, 60)
-    assert 1 <= first <= 1.5
-    assert 8 <= backoff(4, 1, 60) <= 8.5
-    assert backoff(20, 1, 60) <= 60
 
 
 # ---- graceful stop: drain before any engine of the group stops -----------------------------------------
