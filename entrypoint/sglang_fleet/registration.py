@@ -5,7 +5,9 @@
   session is bound to that check, so a dead supervisor loses its rank within the TTL (3 s).
 - Serving: service `sglang`, ID `sglang-<cluster>-<group>`, registered by rank 0 only after the barrier
   and engine readiness, with an HTTP /health check and a TTL check the heartbeat thread also passes
-  (a dead supervisor withdraws it within 3 s). docs/protocol.md "Serving registration".
+  (a dead supervisor withdraws it within 3 s). docs/protocol.md "Serving registration". Its whole life
+  (register, withdraw, close for a drain, reopen for the next generation) is `ServingRegistration`'s.
+The names (services, IDs, tags, meta keys) are contract.py's.
 
 The heartbeat thread decides nothing: it passes checks and re-registers its own service when the agent
 lost it (a restarted agent), and records what happened for the node loop to read.
