@@ -12,7 +12,7 @@ rank and generation are bound into its log context; start() may be called again 
                                        # (STOPPING) and poll() finishes the stop
   engine.retry_later(delay) -> str     # after a failed start: stop, BACKOFF, and poll() starts the same
                                        # launch again after `delay`; FATAL once max_starts in a row failed
-  engine.state, .reason (last sentence), .since, .failed, .pid, .returncode, .starts, .history
+  engine.state, .reason (last sentence), .since, .failed, .pid, .returncode, .starts, .retry_at, .history
 
 The process itself is a child.Child (states, guarded transitions, process group, death signal, output
 pumps, environment policy: child.py); this module adds what is the engine's own: readiness and stuck
@@ -147,6 +147,7 @@ class Engine:
     pid = _of_child("pid")
     returncode = _of_child("returncode")
     starts = _of_child("starts")  # spawns in the current series of retried starts
+    retry_at = _of_child("retry_at")  # BACKOFF: when poll() starts it again (monotonic)
     failed = _of_child("failed")
 
     @property

@@ -1,7 +1,7 @@
-"""How a node leaves: a generation (the ending steps) or for good (graceful stop, shutdown), and the
-drain that comes first when the engine is still healthy. Mixed into node.Node: these are cycles of the
-same loop (one action each, a sentence each) and use its state (cfg, api, rdv, heartbeat, generation,
-rank, assignment, engine, serving, session, ...); node.py holds the loop and the way into a generation.
+"""How a node leaves: a generation (the leaving steps) or for good (graceful stop), and the drain that
+comes first when the engine is still healthy. `Leaving` is a collaborator of node.Node: it works on the
+membership (membership.py: the current Generation, the serving registration) and returns one
+membership.Step per cycle of the node's loop; the node keeps its loop, its engine start and its budget.
 
 Drain (docs/protocol.md): on SIGTERM/SIGINT, rank 0 withdraws its serving registration and steps a
 drain.Drain while it keeps its session and rank key, so its peers (whose engines serve the same requests)
@@ -14,20 +14,17 @@ without a drain: the failed engine or peer has lost what was in flight already.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-
-import structlog
 
 from sglang_fleet import consul_api as ca
 from sglang_fleet import drain as dr
-from sglang_fleet import registration as reg
-from sglang_fleet import rendezvous as rdv
+from sglang_fleet.config import FleetConfig
 from sglang_fleet.engine import EngineState
-from sglang_fleet.retry import backoff
+from sglang_fleet.membership import Generation, Membership, Step
 
 EX_FATAL = 1
 # A member > 0 waits FLEET_DRAIN_TIMEOUT plus this for rank 0 to confirm its drain.
 DRAIN_CONFIRM_MARGIN = 5.0
+STOP_POLL = 0.05  # seconds between looks at an engine that is stopping
 
 
 class Fatal(Exception):
@@ -38,185 +35,129 @@ class Fatal(Exception):
         super().__init__(reason)
 
 
-@dataclass
-class Ending:
-    """A generation this node is leaving; the steps run one per cycle."""
-    generation: int | None
-    reason: str
-    own_failure: bool
-
-
 class Leaving:
-    """The node loop's ways out (see the module docstring); node.Node inherits them."""
+    """The node's ways out (see the module docstring)."""
+
+    def __init__(self, cfg: FleetConfig, membership: Membership):
+        self.cfg = cfg
+        self.membership = membership
+        self.serving = membership.serving
+        self.stopping = False  # a stop signal came: drain (maybe), then shut down
+        self.stop_signals = 0  # a second one cuts a drain short
+        self.drain_wait_until: float | None = None  # a member > 0 waits for rank 0's drain until then
+
+    @property
+    def gen(self) -> Generation:
+        return self.membership.gen
+
+    @property
+    def done(self) -> bool:
+        """Stopping, with no drain under way or awaited: time for the shutdown."""
+        return self.stopping and self.gen.drain is None and self.drain_wait_until is None
 
     # ---- leaving a generation --------------------------------------------------------------------------
-    def _end(self, view: rdv.GroupView | None, reason: str, own_failure: bool, txn: bool = True) -> str:
-        """Ends (or leaves) the current generation; the clean-up steps follow, one per cycle."""
-        g = self.generation
-        sentence = reason
-        if txn and view is not None and view.generation == g:
-            cause = rdv.LOCAL_FAILURE if own_failure else rdv.PEER_LEFT
-            if not self.rdv.end_generation(view, reason, cause):
-                # Somebody else ended it first: then it was their event, not our failure.
-                own_failure = False
-                sentence = f"{reason} (generation {g} was already ended by a peer)"
-        self.ending = Ending(g, reason, own_failure)
-        self.drain = None  # the group is broken: what is in flight is lost already
-        if own_failure:
-            self.failures += 1
-        return sentence
-
-    def _step_ending(self) -> str:
-        e = self.ending
-        if self.serving:
-            return self._withdraw_serving()
-        if self.engine is not None and self.engine.state is not EngineState.STOPPED:
-            self.engine.stop()  # logs how it went
-            return f"engine of generation {e.generation} stopped"
-        if self.session is not None:
-            session, self.session = self.session, None
-            try:
-                self.api.session_destroy(session)
-            except ca.ConsulUnavailable:
-                pass  # it dies with the heartbeat check or is gone with Consul's state anyway
-            return f"left generation {e.generation} (session destroyed)"
-        self._reset_generation()
-        self.ending = None
-        if e.own_failure and self.failures >= self.cfg.max_failures:
-            raise Fatal(f"engine failed in {self.failures} consecutive generation(s), budget "
-                        f"FLEET_MAX_FAILURES={self.cfg.max_failures} spent; last: {self.last_failure}")
-        delay = backoff(self.failures, self.cfg.backoff_base, self.cfg.backoff_max)
-        self.resume_at = time.monotonic() + delay
-        budget = f"failure {self.failures}/{self.cfg.max_failures}" if self.failures else "no failure counted"
-        return f"restarting the group in {delay:.1f} s ({budget})"
-
-    def _withdraw_serving(self) -> str:
-        self.heartbeat.pass_serving(None)
-        self.serving = False
-        try:
-            self.api.deregister_service(reg.serving_id(self.cfg))
-        except ca.ConsulError as exc:
-            # Without its TTL passes the registration goes critical in 3 s; the engine must stop anyway.
-            return f"could not withdraw serving registration ({exc}); its TTL check lapses in 3 s"
-        return f"withdrew serving registration {reg.serving_id(self.cfg)}"
-
-    def _reset_generation(self) -> None:
-        self.generation = self.rank = self.assignment = self.engine = None
-        self.engine_ready_at = self.engine_failed_at = self.restart_engine_at = None
-        self.start_attempts = 0
-        self.serving_closed = self.drain_confirmed = False
-        self.drain = self.drain_outcome = None
-        structlog.contextvars.unbind_contextvars("generation", "rank")
+    def step_ending(self) -> Step | None:
+        """One leaving step: withdraw serving, stop the engine (non-blocking: SIGTERM now, poll() escalates),
+        destroy the session. None once nothing is left to do."""
+        gen = self.gen
+        if self.serving.registered:
+            return Step.acted(self.serving.withdraw())
+        engine = gen.engine
+        if engine is not None and engine.state is not EngineState.STOPPED:
+            if not gen.stopping_engine:
+                gen.stopping_engine = True
+                engine.stop(wait=False)  # logs how it goes
+            if engine.poll() is not EngineState.STOPPED:
+                return Step.waiting(None, STOP_POLL)
+            return Step.acted(f"engine of generation {gen.ending.generation} stopped")
+        left = self.membership.leave()
+        return Step.acted(left) if left else None
 
     # ---- draining ---------------------------------------------------------------------------------------
-    def _start_drain(self, why: str) -> str:
+    def start_drain(self, why: str) -> str:
         """Rank 0: withdraw the serving registration, keep everything else running, start draining."""
-        withdrew = self._withdraw_serving()
-        self.serving_closed = True
+        gen = self.gen
+        withdrew = self.serving.close()
         base_url = f"http://127.0.0.1:{self.cfg.http_port}"
         key = self.cfg.engine_api_key
-        self.drain = dr.Drain(lambda: dr.requests_in_flight(base_url, api_key=key), self.cfg.drain_timeout)
-        self.drain_outcome = None
-        return f"{why}: {withdrew}; {self.drain.start()}"
+        gen.drain = dr.Drain(lambda: dr.requests_in_flight(base_url, api_key=key), self.cfg.drain_timeout)
+        gen.drain_outcome = None
+        return f"{why}: {withdrew}; {gen.drain.start()}"
 
-    def _step_drain(self) -> str | None:
-        step = self.drain.step()
+    def step_drain(self) -> Step:
+        gen = self.gen
+        step = gen.drain.step()
         if step.done:
-            self.drain, self.drain_outcome = None, step.sentence
-        else:
-            self._wait(step.wait)
-        return step.sentence
+            gen.drain, gen.drain_outcome = None, step.sentence
+            return Step.acted(step.sentence)
+        return Step.waiting(step.sentence, step.wait)
 
-    def _drain_for_member(self, view: rdv.GroupView) -> str | None:
+    def drain_for_member(self, view) -> Step:
         """Rank 0: a member asked (K/g<G>/draining). Withdraw, drain, then answer with K/g<G>/drained."""
+        gen = self.gen
         asker = view.draining.get("by") or "a member"
-        if self.drain is None and self.drain_outcome is None:
-            if self.serving and self.cfg.drain_timeout > 0:
-                return self._start_drain(f"{asker} is stopping")
-            self.drain_outcome = self._withdraw_serving() if self.serving else "was not serving"
-            self.serving_closed = True
-        if self.drain is not None:
-            sentence = self._step_drain()
-            if self.drain is not None:
-                return sentence
-        if not self.rdv.confirm_drained(view, self.drain_outcome):
-            self.fresh_needed = True  # the generation moved meanwhile: the next cycle follows it
-            return None
-        self.drain_confirmed = True
-        return f"{self.drain_outcome}; told {asker} to go on stopping"
+        if gen.drain is None and gen.drain_outcome is None:
+            if self.serving.registered and self.cfg.drain_timeout > 0:
+                return Step.acted(self.start_drain(f"{asker} is stopping"))
+            gen.drain_outcome = self.serving.close()
+        if gen.drain is not None:
+            step = self.step_drain()
+            if gen.drain is not None:
+                return step
+        if not self.membership.rdv.confirm_drained(view, gen.drain_outcome):
+            return Step.acted(None)  # the generation moved meanwhile: the next step follows it
+        gen.drain_confirmed = True
+        return Step.acted(f"{gen.drain_outcome}; told {asker} to go on stopping")
 
     # ---- graceful stop ----------------------------------------------------------------------------------
-    def _begin_stop(self) -> str | None:
+    def begin_stop(self) -> str | None:
         """First cycle after SIGTERM/SIGINT: start a drain (rank 0) or ask rank 0 for one (rank > 0)."""
-        if self.drain is not None:
+        self.stopping = True
+        gen = self.gen
+        if gen.drain is not None:
             return "stop requested; finishing the drain first"
-        if self.cfg.drain_timeout <= 0 or self.assignment is None or self.ending is not None:
+        if self.cfg.drain_timeout <= 0 or gen.assignment is None or gen.ending is not None:
             return None
-        if self.rank == 0:
-            return self._start_drain("stop requested") if self.serving else None
-        if self.engine is None or self.engine.poll() is not EngineState.RUNNING:
+        if gen.rank == 0:
+            return self.start_drain("stop requested") if self.serving.registered else None
+        if gen.engine is None or gen.engine.poll() is not EngineState.RUNNING:
             return None
-        g = self.generation
+        g, rdv = gen.number, self.membership.rdv
         try:
-            view = self.rdv.read()
-            asked = view.generation == g and self.rdv.request_drain(view, self.rank)
+            view = rdv.read()
+            asked = view.generation == g and rdv.request_drain(view, gen.rank)
         except ca.ConsulError as exc:
             return f"stop requested; could not ask rank 0 to drain ({exc}); stopping now"
         if not asked:
             return f"stop requested; generation {g} has ended already"
         wait = self.cfg.drain_timeout + DRAIN_CONFIRM_MARGIN
         self.drain_wait_until = time.monotonic() + wait
-        return (f"stop requested; asked rank 0 ({self.assignment.node_of(0)}) to withdraw and drain "
+        return (f"stop requested; asked rank 0 ({gen.assignment.node_of(0)}) to withdraw and drain "
                 f"generation {g} first (waiting up to {wait:g} s)")
 
-    def _stop_cycle(self) -> str | None:
+    def stop_cycle(self) -> Step:
         """One cycle while stopping: step the drain, or look whether rank 0 has drained for us."""
-        self.idle_wait = 0.0
+        gen = self.gen
         if self.stop_signals > 1:  # a second signal: stop now
-            sentence = (self.drain.cut_short("a second stop signal") if self.drain is not None
+            sentence = (gen.drain.cut_short("a second stop signal") if gen.drain is not None
                         else "a second stop signal: not waiting for rank 0's drain")
-            self.drain = self.drain_wait_until = None
-            return sentence
-        if self.drain is not None:
-            return self._step_drain()
-        g, now = self.generation, time.monotonic()
+            gen.drain = self.drain_wait_until = None
+            return Step.acted(sentence)
+        if gen.drain is not None:
+            return self.step_drain()
+        g, now = gen.number, time.monotonic()
         if now >= self.drain_wait_until:
             self.drain_wait_until = None
-            return f"rank 0 did not confirm the drain of generation {g} in time; stopping anyway"
-        view = self.rdv.read()
-        gone = rdv.departures(view, self.assignment)
+            return Step.acted(f"rank 0 did not confirm the drain of generation {g} in time; stopping anyway")
+        view = self.membership.rdv.read()
+        gone = self.membership.departures(view)
         done = (f"generation {g} ended meanwhile" if view.generation != g
                 else f"rank 0 drained generation {g} ({view.drained.get('how')})" if view.drained is not None
                 else f"{gone[0].node} (rank {gone[0].rank}) left generation {g}" if gone else None)
         if done:
             self.drain_wait_until = None
-            return f"{done}; stopping"
-        self._wait(min(1.0, self.drain_wait_until - now))
-        return f"waiting for rank 0 to drain generation {g}"
-
-    # ---- shutdown --------------------------------------------------------------------------------------
-    def shutdown(self, why: str) -> None:
-        """Withdraw serving, stop the engine, destroy the session, deregister the heartbeat. Best effort."""
-        steps = []
-        if self.serving:
-            steps.append(self._withdraw_serving())
-        if self.engine is not None and self.engine.state is not EngineState.STOPPED:
-            steps.append(self.engine.stop())
-        if self.session:
-            try:
-                self.api.session_destroy(self.session)
-                steps.append("session destroyed")
-            except ca.ConsulError as exc:
-                steps.append(f"session not destroyed ({exc})")
-            self.session = None
-        self.helpers_stop.set()
-        self.heartbeat.join(timeout=3)
-        try:
-            self.api.deregister_service(reg.member_id(self.cfg))
-            steps.append("heartbeat deregistered")
-        except ca.ConsulError as exc:
-            steps.append(f"heartbeat not deregistered ({exc})")
-        self.log.info(f"{why}: " + "; ".join(steps))
+            return Step.acted(f"{done}; stopping")
+        return Step.waiting(f"waiting for rank 0 to drain generation {g}", min(1.0, self.drain_wait_until - now))
 
 
-__all__ = ["DRAIN_CONFIRM_MARGIN", "EX_FATAL", "Ending", "Fatal", "Leaving"]
+__all__ = ["DRAIN_CONFIRM_MARGIN", "EX_FATAL", "Fatal", "Leaving", "STOP_POLL"]

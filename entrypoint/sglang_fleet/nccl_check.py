@@ -25,6 +25,7 @@ from sglang_fleet import launch, logs, netprofile
 from sglang_fleet import registration as reg
 from sglang_fleet import rendezvous as rdv
 from sglang_fleet.config import EX_CONFIG, NAME_RE, FleetConfig
+from sglang_fleet.membership import Action, Membership, Step
 
 GROUP_SUFFIX = "-nccl-check"
 WORKER = Path(__file__).with_name("nccl_allreduce.py")
@@ -73,9 +74,8 @@ class Check:
         self.stop = threading.Event()
         self.heartbeat = reg.Heartbeat(cfg, self.addr, self.stop)
         self.deadline = time.monotonic() + args.timeout
-        self.session: str | None = None
-        self.generation: int | None = None
-        self.rank: int | None = None
+        # The same rendezvous handler as `node`; every member must also run the same check.
+        self.membership = Membership(self.rdv, self.heartbeat, agree_on=("nccl_check",))
         self.procs: list[subprocess.Popen] = []
         self.last = ""
         self.records: list[dict] = []  # from every worker; list.append is atomic
@@ -93,7 +93,8 @@ class Check:
         return left
 
     def join(self) -> rdv.Assignment:
-        """Rendezvous exactly as `node` does, up to the barrier: (rank, nnodes, dist-init address)."""
+        """Rendezvous exactly as `node` does (the same membership.Membership), up to the barrier: rank,
+        nnodes and the dist-init address. Waits on blocking queries instead of a watcher thread."""
         while not self.heartbeat.registered.wait(0.2):
             self.left()
             self.say(f"waiting for the heartbeat check in Consul {self.api.address}"
@@ -101,52 +102,24 @@ class Check:
         index = 0
         while True:
             self.left()
-            try:
-                view = self.rdv.read(index=index, wait="2s")
-                index = 0  # after an action read again at once; waiting returns the index to wait on
-                done = self.step(view)
-            except ca.ConsulConflict as exc:  # somebody changed the group between our read and our write
-                self.say(f"lost a race in Consul ({exc}); re-reading")
-                continue
-            except ca.ConsulUnavailable as exc:
-                self.say(f"Consul unavailable ({exc}); retrying")
-                time.sleep(1.0)
-                continue
-            if isinstance(done, rdv.Assignment):
-                return done
-            index = done
+            step = self.membership.guarded(lambda: self.step(index))
+            self.say(step.sentence or "")
+            if self.membership.assignment is not None:
+                return self.membership.assignment
+            if step.action is Action.DISAGREE:
+                raise CheckFailed("the group does not agree: " + "; ".join(step.problems))
+            if step.action is Action.ENDED:  # rejoin the next generation; nothing runs yet
+                self.say(self.membership.leave() or "")
+                self.membership.reset()
+            if step.action is Action.UNAVAILABLE:
+                time.sleep(step.wait)
+            # Nothing to do: wait (a blocking query) until the group changes. After an action: read at once.
+            index = self.membership.view.index if step.action is Action.WAIT and self.membership.view else 0
 
-    def step(self, view: rdv.GroupView) -> rdv.Assignment | int:
-        """One action toward the barrier: the Assignment once passed, else the index to wait on (0: none)."""
-        if view.generation is None:
-            self.rdv.ensure_generation()
-        elif self.session is None:
-            self.session, self.generation = self.rdv.create_session(self.heartbeat.check_id), view.generation
-            self.say(f"joined generation {self.generation} of {self.cfg.group}")
-        elif view.generation != self.generation:
-            ended = view.ended.get(self.generation) or {}
-            self.say(f"generation {self.generation} ended ({ended.get('by')}: {ended.get('reason')}); rejoining")
-            self.api.session_destroy(self.session)
-            self.session = self.rank = None
-        elif self.rank is None or view.rank_of(self.session) is None:
-            self.rank, sentence = self.rdv.claim_rank(view, self.session)
-            self.say(sentence)
-            return view.index if self.rank is None else 0
-        elif self.rank == 0 and view.leader is None:
-            self.say(self.rdv.publish_leader(view, self.session))
-        else:
-            passed, sentence = rdv.barrier(view, self.generation, self.cfg.nnodes)
-            self.say(sentence)
-            if not passed:
-                return view.index
-            problems = rdv.fingerprint_mismatches(view, self.rdv.fingerprint, self.cfg.node_name)
-            mine = self.rdv.fingerprint["nccl_check"]
-            problems += [f"{m.node} (rank {m.rank}) runs {m.fingerprint.get('nccl_check')}, this node {mine}"
-                         for m in view.members.values() if m.fingerprint.get("nccl_check") != mine]
-            if problems:
-                raise CheckFailed("the group does not agree: " + "; ".join(problems))
-            return self.rdv.assignment(view, self.rank)
-        return 0
+    def step(self, index: int) -> Step:
+        """Reads the group (blocking until it changes past `index`, at most 2 s) and takes one step."""
+        view = self.membership.view = self.rdv.read(index=index, wait="2s")
+        return self.membership.step(view)
 
     def spawn(self, a: rdv.Assignment) -> None:
         """One worker per local GPU, with the engine's environment (launch.build_launch)."""
@@ -191,7 +164,7 @@ class Check:
                     f"NCCL_SOCKET_IFNAME={self.env.get('NCCL_SOCKET_IFNAME')} right?"))
             try:
                 if not gone:
-                    gone = ", ".join(f"{m.node} (rank {m.rank})" for m in rdv.departures(self.rdv.read(), a))
+                    gone = ", ".join(f"{m.node} (rank {m.rank})" for m in self.membership.departures(self.rdv.read()))
                     gone_at = time.monotonic()
             except ca.ConsulError:
                 pass  # the workers are the answer; Consul only explains a peer's absence
@@ -228,11 +201,11 @@ class Check:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
         try:
-            view = self.rdv.read()
-            if self.session and view.rank_of(self.session) is not None:
+            view, session = self.rdv.read(), self.membership.session
+            if session and view.rank_of(session) is not None:
                 self.rdv.end_generation(view, reason, rdv.LOCAL_FAILURE if failed else rdv.SHUTDOWN)
-            if self.session:
-                self.api.session_destroy(self.session)
+            if session:
+                self.api.session_destroy(session)
         except ca.ConsulError as exc:
             self.log.warning(f"could not clean up the check's generation: {exc}")
         self.stop.set()

@@ -1,14 +1,16 @@
 """The node loop: rendezvous -> engine -> serving registration; restarts the whole group together.
 
-One thread decides (`Node.run_cycle`). Each cycle reads a fresh view of the group, takes at most one
-action and returns a sentence ("waiting for peers 1/2 in generation 3", "rank 1 of 2, engine ready",
-"peer node-b (rank 1) left; ending generation 3") that is logged when it changes. Helpers only observe:
+One thread decides (`Node.run_cycle`). Each cycle takes at most one action and returns a
+membership.Step: what it did ("waiting for peers 1/2 in generation 3", "rank 1 of 2, engine ready",
+"peer node-b (rank 1) left; ending generation 3", logged when it changes) and how long to wait before
+the next cycle. The group's side is membership.Membership (session, rank, generation, barrier, the
+serving registration); the node keeps the engine and the restart budget. Helpers only observe:
 the heartbeat thread passes TTL checks (registration.py), the watcher thread holds a blocking query on
 the group's keys and wakes the loop (watch.py), the engine's threads pump output and probe /health
 (engine.py). Signal handlers only set a flag. The engine is only ever started from this loop's thread
 (the main thread): its PR_SET_PDEATHSIG is bound to the thread that forked it.
 
-The ways out (ending a generation, graceful stop with its drain, shutdown) are in leaving.py; a graceful
+The ways out (leaving a generation, graceful stop with its drain) are leaving.Leaving's; a graceful
 stop lets the requests in flight finish before any engine of the group stops (docs/protocol.md).
 
 Failures: only this node's own engine failing spends its restart budget; a peer leaving or a generation
@@ -21,27 +23,35 @@ import json
 import signal
 import threading
 import time
+from dataclasses import dataclass
 
 import structlog
 
 from sglang_fleet import consul_api as ca
-from sglang_fleet import drain as dr
 from sglang_fleet import launch, logs, netprofile
 from sglang_fleet import registration as reg
 from sglang_fleet import rendezvous as rdv
 from sglang_fleet.config import EX_CONFIG, ConfigError, FleetConfig
 from sglang_fleet.engine import Engine, EngineState
-from sglang_fleet.leaving import EX_FATAL, Ending, Fatal, Leaving
+from sglang_fleet.leaving import EX_FATAL, STOP_POLL, Fatal, Leaving
+from sglang_fleet.membership import Action, Ending, Generation, Membership, Step
 from sglang_fleet.retry import backoff
 from sglang_fleet.watch import Watcher
 
 # After our own engine fails, wait this long for a peer's departure to show (its heartbeat TTL is 3 s):
 # when an NCCL peer dies, every survivor's engine aborts too, and that is the peer's failure, not ours.
 SETTLE_AFTER_ENGINE_FAILURE = 4.0
-RE_READ_EVERY = 5.0  # seconds; the watcher wakes us on every change, this is only a backstop
 
 
-class Node(Leaving):
+@dataclass
+class Budget:
+    """What survives generations: this node's own failures and the backoff before the next generation."""
+    failures: int = 0  # consecutive generations this node's engine failed
+    last_failure: str = ""
+    resume_at: float = 0.0  # no new generation before this (monotonic)
+
+
+class Node:
     def __init__(self, cfg: FleetConfig, api: ca.ConsulAPI | None = None):
         self.cfg = cfg
         self.node_name = cfg.node_name
@@ -53,39 +63,17 @@ class Node(Leaving):
         self.helpers_stop = threading.Event()  # stops heartbeat/watcher at the very end
         self.wake = threading.Event()
         self.heartbeat = reg.Heartbeat(cfg, self.addr, self.helpers_stop)
+        self.serving = reg.ServingRegistration(self.api, cfg, self.addr, self.heartbeat)
+        self.membership = Membership(self.rdv, self.heartbeat, self.serving)
+        self.leaving = Leaving(cfg, self.membership)
+        self.budget = Budget()
         self.watcher = Watcher(cfg, self.rdv.keys.prefix, self.wake, self.helpers_stop)
         self.log = logs.get("sglang_fleet.node")
-        # Per generation:
-        self.generation: int | None = None
-        self.joined_gen_index = 0
-        self.joined_reregistrations = 0
-        self.session: str | None = None
-        self.rank: int | None = None
-        self.assignment: rdv.Assignment | None = None
-        self.engine: Engine | None = None
-        self.engine_ready_at: float | None = None
-        self.start_attempts = 0
-        self.engine_failed_at: float | None = None
-        self.restart_engine_at: float | None = None
-        self.serving = False
-        self.serving_closed = False  # withdrawn for a drain: not registered again in this generation
-        self.drain: dr.Drain | None = None
-        self.drain_outcome: str | None = None  # how the last drain ended (rank 0)
-        self.drain_confirmed = False  # rank 0 wrote K/g<G>/drained
-        self.ending: Ending | None = None
-        # Graceful stop:
-        self.stopping = False
-        self.stop_signals = 0
-        self.drain_wait_until: float | None = None  # a member > 0 waits for rank 0's drain until then
-        # Across generations:
-        self.failures = 0  # consecutive generations this node's engine failed
-        self.last_failure = ""
-        self.resume_at = 0.0  # backoff: no new generation before this (monotonic)
-        self.view: rdv.GroupView | None = None
-        self.consul_errors = 0
-        self.idle_wait = 1.0
-        self.fresh_needed = True  # read Consul in the next cycle (woken, or we just acted)
-        self.view_at = 0.0
+
+    @property
+    def gen(self) -> Generation:
+        """This node's part in its current generation (membership.Generation, replaced whole)."""
+        return self.membership.gen
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -99,41 +87,23 @@ class Node(Leaving):
         code = 0
         try:
             while True:
-                if self.stop_event.is_set() and not self.stopping:
-                    self.stopping = True
-                    sentence = self._begin_stop()
+                if self.stop_event.is_set() and not self.leaving.stopping:
+                    sentence = self.leaving.begin_stop()
                     if sentence:
                         self.log.info(sentence)
                         last = sentence
-                if self.stopping and self.drain is None and self.drain_wait_until is None:
+                if self.leaving.done:
                     break
-                try:
-                    sentence = self._stop_cycle() if self.stopping else self.run_cycle()
-                    if self.consul_errors:
-                        self.log.info(f"Consul answers again after {self.consul_errors} failed attempt(s)")
-                    self.consul_errors = 0
-                except ca.ConsulUnavailable as exc:
-                    self.consul_errors += 1
-                    self.fresh_needed = True
-                    delay = backoff(self.consul_errors, 0.5, 5.0)
-                    running = " the engine keeps running;" if self.engine and self.engine.pid else ""
-                    sentence = f"Consul unavailable ({exc});{running} retrying"
-                    if sentence != last:
-                        self.log.warning(sentence, retry_in=round(delay, 2))
-                    last = sentence
-                    self._sleep(delay)
-                    continue
-                except ca.ConsulConflict as exc:
-                    # Somebody changed the group between our read and our write: read again.
-                    sentence, self.fresh_needed, self.idle_wait = f"lost a race in Consul ({exc}); re-reading", True, 0
-                except ca.ConsulError as exc:  # e.g. ACL denied: not transient, but do not crash
-                    self.consul_errors += 1
-                    sentence = f"Consul refused a request ({exc}); retrying"
-                    self.idle_wait, self.fresh_needed = backoff(self.consul_errors, 1.0, 30.0), True
-                if sentence and sentence != last:
-                    self.log.info(sentence)
-                    last = sentence
-                self._sleep(self.idle_wait)
+                step = self.membership.guarded(self.leaving.stop_cycle if self.leaving.stopping else self.run_cycle)
+                if step.sentence and step.sentence != last:
+                    if step.warning:
+                        self.log.warning(step.sentence, retry_in=round(step.wait, 2))
+                    else:
+                        self.log.info(step.sentence)
+                    last = step.sentence
+                if step.reread:
+                    self.membership.fresh = True
+                self._sleep(step.wait)
         except Fatal as fatal:
             code = fatal.code
             self.log.error(f"FATAL: {fatal.reason}", exit_code=code)
@@ -164,190 +134,126 @@ class Node(Leaving):
         # Clear only a wake we saw: one set just after wait() timed out must wake the next sleep.
         if self.wake.wait(seconds) if seconds > 0 else self.wake.is_set():
             self.wake.clear()
-            self.fresh_needed = True  # something changed: the next cycle reads Consul
-
-    def _wait(self, seconds: float) -> None:
-        """Ask the loop to wait up to `seconds` (or until the watcher/a signal wakes it) before the next cycle."""
-        self.idle_wait = seconds
+            self.membership.fresh = True  # something changed: the next cycle reads Consul
 
     def request_stop(self, *_args) -> None:
-        self.stop_signals += 1  # a second signal cuts a drain short
+        self.leaving.stop_signals += 1  # a second signal cuts a drain short
         self.stop_event.set()
         self.wake.set()
 
     # ---- one cycle: at most one action ----------------------------------------------------------------
-    def run_cycle(self) -> str | None:
-        if self.idle_wait <= 0:
-            self.fresh_needed = True  # the previous cycle acted: read what it changed
-        self.idle_wait = 0.0  # after an action, go again at once
-        if self.ending is not None:
-            return self._step_ending()
+    def run_cycle(self) -> Step:
+        if self.gen.ending is not None:
+            return self.leaving.step_ending() or self._next_generation()
         now = time.monotonic()
-        if now < self.resume_at:
-            self._wait(self.resume_at - now)
-            return None
-        if not self.heartbeat.registered.is_set():
-            self._wait(0.2)
-            return "waiting for the heartbeat check to be registered in Consul"
+        if now < self.budget.resume_at:
+            return Step.waiting(None, self.budget.resume_at - now)
+        step = self.membership.next()
+        if step.action is Action.RUN:
+            return self._supervise_engine()
+        if step.action is Action.DRAIN:
+            return self.leaving.drain_for_member(self.membership.view)
+        return step
 
-        if self.fresh_needed or self.view is None or now - self.view_at > RE_READ_EVERY:
-            self.view, self.view_at, self.fresh_needed = self.rdv.read(), now, False
-        view = self.view
-        g = self.generation
+    def _next_generation(self) -> Step:
+        """The generation is left: spend the budget (own failure), back off, start over."""
+        ending: Ending = self.membership.reset().ending
+        b = self.budget
+        if ending.own_failure and b.failures >= self.cfg.max_failures:
+            raise Fatal(f"engine failed in {b.failures} consecutive generation(s), budget "
+                        f"FLEET_MAX_FAILURES={self.cfg.max_failures} spent; last: {b.last_failure}")
+        delay = backoff(b.failures, self.cfg.backoff_base, self.cfg.backoff_max)
+        b.resume_at = time.monotonic() + delay
+        budget = f"failure {b.failures}/{self.cfg.max_failures}" if b.failures else "no failure counted"
+        return Step.acted(f"restarting the group in {delay:.1f} s ({budget})")
 
-        if g is not None:
-            lost = self._state_lost(view)
-            if lost:
-                return self._end(None, f"Consul lost its state ({lost}); leaving generation {g}",
-                                 own_failure=False, txn=False)
-
-        if view.generation is None:
-            self.rdv.ensure_generation()
-            return f"created generation 0 of group {self.group}"
-
-        if g is not None and view.generation != g:
-            ended = view.ended.get(g)
-            why = (f"generation {g} ended by {ended.get('by')}: {ended.get('reason')}" if ended
-                   else f"generation moved from {g} to {view.generation}")
-            return self._end(None, why, own_failure=False, txn=False)
-
-        if self.session is None:
-            if not self.heartbeat.keeping_up():
-                # The session lives only as long as our own passes keep the check passing (registration.py
-                # Heartbeat.keeping_up): joining on a check passed by a stale request dooms the generation.
-                self._wait(0.5)
-                why = f" ({self.heartbeat.last_error})" if self.heartbeat.last_error else ""
-                return f"waiting for the heartbeat to reach Consul before joining generation {view.generation}{why}"
-            self.session = self.rdv.create_session(self.heartbeat.check_id)
-            self.generation, self.joined_gen_index = view.generation, view.gen_index
-            self.joined_reregistrations = self.heartbeat.re_registrations
-            structlog.contextvars.bind_contextvars(generation=self.generation)
-            return f"joined generation {self.generation} with session {self.session[:8]}"
-
-        if self.rank is not None and view.rank_of(self.session) is None:
-            who = "my session" if self.assignment is None else "my rank key"
-            return self._end(view, f"{who} in generation {g} is gone (heartbeat missed?); rejoining",
-                             own_failure=False, txn=self.assignment is not None)
-
-        if self.rank is None:
-            try:
-                rank, sentence = self.rdv.claim_rank(view, self.session)
-            except ca.ConsulNotFound:  # invalidated while we waited for a rank: no retry brings it back
-                return self._end(None, f"my session in generation {g} is gone (heartbeat missed?); rejoining",
-                                 own_failure=False, txn=False)
-            if rank is None:
-                self._wait(1.0)
-            else:
-                self.rank = rank
-                structlog.contextvars.bind_contextvars(rank=rank)
-            return sentence
-
-        if self.rank == 0 and view.leader is None:
-            return self.rdv.publish_leader(view, self.session)
-
-        if self.assignment is None:
-            return self._barrier(view)
-
-        gone = rdv.departures(view, self.assignment)
-        if gone:
-            names = ", ".join(f"{m.node} (rank {m.rank})" for m in gone)
-            return self._end(view, f"peer {names} left; ending generation {g}", own_failure=False)
-
-        if self.rank == 0 and view.draining is not None and not self.drain_confirmed:
-            return self._drain_for_member(view)
-
-        return self._supervise_engine(view)
-
-    def _state_lost(self, view: rdv.GroupView) -> str | None:
-        """Why the Consul state this generation was built on is gone, or None."""
-        if view.generation is None:
-            return "the group's keys are gone"
-        if self.heartbeat.re_registrations != self.joined_reregistrations:
-            return "the agent forgot our heartbeat check: restarted?"
-        # K/gen changes only by CAS to G+1: the same G under another ModifyIndex was created anew (an
-        # emptied Consul, re-filled by a peer that noticed first).
-        if view.generation == self.generation and view.gen_index != self.joined_gen_index:
-            return "the generation key was created anew since it was joined"
-        return None
-
-    def _barrier(self, view: rdv.GroupView) -> str:
-        passed, sentence = rdv.barrier(view, self.generation, self.cfg.nnodes)
-        if not passed:
-            self._wait(1.0)
-            return sentence
-        mismatches = rdv.fingerprint_mismatches(view, self.rdv.fingerprint, self.node_name)
-        if mismatches:
-            self._wait(1.0)
-            return f"config mismatch in generation {self.generation}: {'; '.join(mismatches)}; starting nothing"
-        self.assignment = self.rdv.assignment(view, self.rank)
-        return (f"barrier passed: rank {self.rank} of {self.cfg.nnodes} in generation {self.generation}, "
-                f"dist-init {self.assignment.dist_init_addr}")
-
-    def _supervise_engine(self, view: rdv.GroupView) -> str | None:
-        a = self.assignment
-        now = time.monotonic()
-        if self.engine is None or (self.restart_engine_at is not None and now >= self.restart_engine_at):
+    def _supervise_engine(self) -> Step:
+        gen, a, b = self.gen, self.gen.assignment, self.budget
+        engine, now = gen.engine, time.monotonic()
+        if engine is None:
             return self._start_engine()
-        if self.restart_engine_at is not None:
-            self._wait(min(0.5, self.restart_engine_at - now))
-            return None
-        state = self.engine.poll()
+        state = engine.poll()
+        if state is EngineState.STOPPING:  # a failed start being cleared away before it is retried
+            return Step.waiting(None, STOP_POLL)
+        if state is EngineState.BACKOFF:  # engine.poll() starts it again once the backoff is over
+            return Step.waiting(None, min(0.5, max(0.0, engine.retry_at - now)))
         if state is EngineState.STARTING:
-            self._wait(0.25)
-            return f"rank {a.rank} of {a.nnodes}, engine starting in generation {a.generation}"
+            if engine.pid != gen.announced_pid:  # started again after a backoff
+                gen.announced_pid = engine.pid
+                return Step.waiting(self._started(engine), 0.25)
+            return Step.waiting(f"rank {a.rank} of {a.nnodes}, engine starting in generation {a.generation}", 0.25)
         if state is EngineState.RUNNING:
-            self.engine_failed_at = None
-            if self.engine_ready_at is None:
-                self.engine_ready_at = now
-            if self.rank == 0 and not self.serving and not self.serving_closed:
-                reg.register_serving(self.api, self.cfg, self.addr, a.generation)
-                self.serving = True
-                self.heartbeat.pass_serving(reg.serving_ttl_check_id(self.cfg))
-                return (f"registered serving service {reg.serving_id(self.cfg)} ({self.cfg.role}) at "
-                        f"http://{self.addr}:{self.cfg.http_port} for generation {a.generation}")
-            if self.failures and now - self.engine_ready_at >= self.cfg.stable_after:
-                self.failures = 0
-                return f"generation {a.generation} stable for {self.cfg.stable_after:g} s; failure count reset"
-            self._wait(0.5)
-            return f"rank {a.rank} of {a.nnodes}, engine ready in generation {a.generation}"
+            if gen.ready_at is None:
+                gen.ready_at = now
+            if gen.rank == 0 and self.serving.wanted:
+                return Step.acted(self.serving.register(a.generation))
+            if b.failures and now - gen.ready_at >= self.cfg.stable_after:
+                b.failures = 0
+                return Step.acted(f"generation {a.generation} stable for {self.cfg.stable_after:g} s; "
+                                  f"failure count reset")
+            return Step.waiting(f"rank {a.rank} of {a.nnodes}, engine ready in generation {a.generation}", 0.5)
         # EXITED or UNHEALTHY: our engine failed. Stop the router sending to it before anything else.
-        if self.serving:
-            return self._withdraw_serving()
-        # Was it a peer's failure first (NCCL abort)?
-        reason = self.engine.reason
-        if self.engine_failed_at is None:
-            self.engine_failed_at = now
+        if self.serving.registered:
+            return Step.acted(self.serving.withdraw())
+        # Was it a peer's failure first (NCCL abort)? `since`: when the engine failed.
+        reason = engine.reason
         settle = SETTLE_AFTER_ENGINE_FAILURE if self.cfg.nnodes > 1 else 0.0
-        if now - self.engine_failed_at < settle:
-            self._wait(0.25)
-            return f"{reason}; checking whether a peer left first"
+        if now - engine.since < settle:
+            return Step.waiting(f"{reason}; checking whether a peer left first", 0.25)
         # Only a one-node group retries a start in place: the peers of a multi-node group wait in SGLang's
         # TCPStore/NCCL rendezvous for the rank that failed and cannot take a lone restarted one back.
-        never_ready = self.engine_ready_at is None
-        if never_ready and self.cfg.nnodes == 1 and self.start_attempts < self.cfg.start_attempts:
-            delay = backoff(self.start_attempts, self.cfg.backoff_base, self.cfg.backoff_max)
-            self.engine.stop()
-            self.restart_engine_at = now + delay
-            self.engine_failed_at = None
-            return (f"engine start attempt {self.start_attempts}/{self.cfg.start_attempts} failed ({reason}); "
-                    f"retrying in {delay:.1f} s")
-        self.last_failure = reason
-        return self._end(view, f"{reason}; ending generation {a.generation}", own_failure=True)
+        if gen.ready_at is None and self.cfg.nnodes == 1 and engine.starts < self.cfg.start_attempts:
+            delay = backoff(engine.starts, self.cfg.backoff_base, self.cfg.backoff_max)
+            attempt = engine.starts
+            engine.retry_later(delay)  # BACKOFF; engine.poll() starts the same launch again after it
+            return Step.acted(f"engine start attempt {attempt}/{self.cfg.start_attempts} failed ({reason}); "
+                              f"retrying in {delay:.1f} s")
+        b.last_failure = reason
+        step = self.membership.end(self.membership.view, f"{reason}; ending generation {a.generation}",
+                                   own_failure=True)
+        if gen.ending.own_failure:  # not when a peer had ended the generation first
+            b.failures += 1
+        return step
 
-    def _start_engine(self) -> str:
-        a = self.assignment
-        self.restart_engine_at = None
-        self.start_attempts += 1
+    def _start_engine(self) -> Step:
+        a, gen = self.gen.assignment, self.gen
         spec = launch.build_launch(self.cfg, a.rank, a.nnodes, a.dist_init_addr, self.addr)
         for warning in spec.warnings:
             self.log.info(f"launch note: {warning}")
-        if self.engine is None:
-            self.engine = Engine.from_config(self.cfg, a.rank, group=self.group, generation=a.generation)
-        self.engine.start(spec)
-        self.engine_failed_at = None
-        self._wait(0.25)
-        return (f"rank {a.rank} of {a.nnodes}: engine started (pid {self.engine.pid}, attempt "
-                f"{self.start_attempts}) in generation {a.generation}")
+        gen.engine = Engine.from_config(self.cfg, a.rank, group=self.group, generation=a.generation)
+        gen.engine.start(spec)
+        gen.announced_pid = gen.engine.pid
+        return Step.waiting(self._started(gen.engine), 0.25)
+
+    def _started(self, engine: Engine) -> str:
+        a = self.gen.assignment
+        return (f"rank {a.rank} of {a.nnodes}: engine started (pid {engine.pid}, attempt {engine.starts}) "
+                f"in generation {a.generation}")
+
+    # ---- shutdown --------------------------------------------------------------------------------------
+    def shutdown(self, why: str) -> None:
+        """Withdraw serving, stop the engine, destroy the session, deregister the heartbeat. Best effort."""
+        steps = []
+        if self.serving.registered:
+            steps.append(self.serving.withdraw())
+        engine = self.gen.engine
+        if engine is not None and engine.state is not EngineState.STOPPED:
+            steps.append(engine.stop())
+        if self.gen.session:
+            try:
+                self.api.session_destroy(self.gen.session)
+                steps.append("session destroyed")
+            except ca.ConsulError as exc:
+                steps.append(f"session not destroyed ({exc})")
+            self.gen.session = None
+        self.helpers_stop.set()
+        self.heartbeat.join(timeout=3)
+        try:
+            self.api.deregister_service(reg.member_id(self.cfg))
+            steps.append("heartbeat deregistered")
+        except ca.ConsulError as exc:
+            steps.append(f"heartbeat not deregistered ({exc})")
+        self.log.info(f"{why}: " + "; ".join(steps))
 
 
 def run(cfg: FleetConfig) -> int:
@@ -358,4 +264,4 @@ def run(cfg: FleetConfig) -> int:
     return node.run()
 
 
-__all__ = ["EX_FATAL", "Ending", "Fatal", "Node", "run"]
+__all__ = ["Budget", "EX_FATAL", "Fatal", "Node", "SETTLE_AFTER_ENGINE_FAILURE", "run"]

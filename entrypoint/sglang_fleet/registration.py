@@ -5,7 +5,9 @@
   session is bound to that check, so a dead supervisor loses its rank within the TTL (3 s).
 - Serving: service `sglang`, ID `sglang-<cluster>-<group>`, registered by rank 0 only after the barrier
   and engine readiness, with an HTTP /health check and a TTL check the heartbeat thread also passes
-  (a dead supervisor withdraws it within 3 s). docs/protocol.md "Serving registration".
+  (a dead supervisor withdraws it within 3 s). docs/protocol.md "Serving registration". Its whole life
+  (register, withdraw, close for a drain, reopen for the next generation) is `ServingRegistration`'s.
+The names (services, IDs, tags, meta keys) are contract.py's.
 
 The heartbeat thread decides nothing: it passes checks and re-registers its own service when the agent
 lost it (a restarted agent), and records what happened for the node loop to read.
@@ -16,11 +18,10 @@ import threading
 import time
 
 from sglang_fleet import consul_api as ca
+from sglang_fleet import contract
 from sglang_fleet import logs
 from sglang_fleet.config import FleetConfig
 
-MEMBER_SERVICE = "sglang-fleet-member"
-SERVING_SERVICE = "sglang"
 HEARTBEAT_TTL = "3s"
 HEARTBEAT_INTERVAL = 1.0
 DEREGISTER_AFTER = "1m"  # Consul raises anything lower to 1 m
@@ -31,22 +32,24 @@ KEEPING_UP_BEATS = 2
 
 
 def member_id(cfg: FleetConfig) -> str:
-    return f"sglang-fleet-{cfg.cluster}-{cfg.group or cfg.node_name}-{cfg.node_name}"
+    return contract.member_id(cfg.cluster, cfg.group or cfg.node_name, cfg.node_name)
 
 
 def serving_id(cfg: FleetConfig) -> str:
-    return f"sglang-{cfg.cluster}-{cfg.group or cfg.node_name}"
+    return contract.serving_id(cfg.cluster, cfg.group or cfg.node_name)
 
 
 def serving_ttl_check_id(cfg: FleetConfig) -> str:
-    return serving_id(cfg) + "-supervisor"
+    return contract.serving_ttl_check_id(cfg.cluster, cfg.group or cfg.node_name)
 
 
 def register_member(api: ca.ConsulAPI, cfg: FleetConfig, addr: str) -> None:
     group = cfg.group or cfg.node_name
     api.register_service(
-        MEMBER_SERVICE, member_id(cfg), address=addr, tags=[f"cluster:{cfg.cluster}", f"group:{group}"],
-        meta={"cluster": cfg.cluster, "group": group, "node": cfg.node_name, "role": cfg.role},
+        contract.MEMBER_SERVICE, member_id(cfg), address=addr,
+        tags=[contract.cluster_tag(cfg.cluster), contract.group_tag(group)],
+        meta={contract.META_CLUSTER: cfg.cluster, contract.META_GROUP: group, contract.META_NODE: cfg.node_name,
+              contract.META_ROLE: cfg.role},
         checks=[{"CheckID": member_id(cfg), "Name": "sglang-fleet supervisor heartbeat", "TTL": HEARTBEAT_TTL,
                  "Status": "passing", "DeregisterCriticalServiceAfter": DEREGISTER_AFTER}])
 
@@ -55,13 +58,14 @@ def serving_definition(cfg: FleetConfig, addr: str, generation: int) -> dict:
     """Arguments for ConsulAPI.register_service, exactly as docs/protocol.md describes the serving service."""
     group = cfg.group or cfg.node_name
     sid = serving_id(cfg)
-    meta = {"cluster": cfg.cluster, "group": group, "generation": str(generation), "role": cfg.role,
-            "model": cfg.model_path, "nnodes": str(cfg.nnodes), "tp_size": str(cfg.tp_size)}
+    meta = {contract.META_CLUSTER: cfg.cluster, contract.META_GROUP: group, contract.META_GENERATION: str(generation),
+            contract.META_ROLE: cfg.role, contract.META_MODEL: cfg.model_path, contract.META_NNODES: str(cfg.nnodes),
+            contract.META_TP_SIZE: str(cfg.tp_size)}
     if cfg.role == "prefill":
-        meta["bootstrap_port"] = str(cfg.bootstrap_port)
+        meta[contract.META_BOOTSTRAP_PORT] = str(cfg.bootstrap_port)
     return {
-        "name": SERVING_SERVICE, "service_id": sid, "address": addr, "port": cfg.http_port,
-        "tags": [cfg.role, f"cluster:{cfg.cluster}"], "meta": meta,
+        "name": contract.SERVING_SERVICE, "service_id": sid, "address": addr, "port": cfg.http_port,
+        "tags": [cfg.role, contract.cluster_tag(cfg.cluster)], "meta": meta,
         "checks": [
             {"CheckID": sid + "-health", "Name": "engine /health", "HTTP": f"http://{addr}:{cfg.http_port}/health",
              "Method": "GET", "Interval": HEALTH_INTERVAL, "Timeout": HEALTH_TIMEOUT,
@@ -77,6 +81,49 @@ def register_serving(api: ca.ConsulAPI, cfg: FleetConfig, addr: str, generation:
     d = serving_definition(cfg, addr, generation)
     api.register_service(d["name"], d["service_id"], address=d["address"], port=d["port"], tags=d["tags"],
                          meta=d["meta"], checks=d["checks"])
+
+
+class ServingRegistration:
+    """The serving service's whole life (rank 0): registered once the engine is ready; withdrawn when the
+    engine fails or the generation ends; closed for a drain (withdrawn and not registered again in this
+    generation, `reopen()` for the next one). While registered, the heartbeat thread passes its TTL check."""
+
+    def __init__(self, api: ca.ConsulAPI, cfg: FleetConfig, addr: str, heartbeat: "Heartbeat"):
+        self.api, self.cfg, self.addr, self.heartbeat = api, cfg, addr, heartbeat
+        self.id = serving_id(cfg)
+        self.registered = False
+        self.closed = False  # withdrawn for a drain: not registered again in this generation
+
+    @property
+    def wanted(self) -> bool:
+        """Rank 0 with a ready engine registers now: not yet registered and not closed for a drain."""
+        return not self.registered and not self.closed
+
+    def register(self, generation: int) -> str:
+        register_serving(self.api, self.cfg, self.addr, generation)
+        self.registered = True
+        self.heartbeat.pass_serving(serving_ttl_check_id(self.cfg))
+        return (f"registered serving service {self.id} ({self.cfg.role}) at "
+                f"http://{self.addr}:{self.cfg.http_port} for generation {generation}")
+
+    def withdraw(self) -> str:
+        self.heartbeat.pass_serving(None)
+        self.registered = False
+        try:
+            self.api.deregister_service(self.id)
+        except ca.ConsulError as exc:
+            # Without its TTL passes the registration goes critical in 3 s; the engine must stop anyway.
+            return f"could not withdraw serving registration ({exc}); its TTL check lapses in 3 s"
+        return f"withdrew serving registration {self.id}"
+
+    def close(self) -> str:
+        """For a drain: withdraw (when registered) and stay withdrawn for the rest of this generation."""
+        self.closed = True
+        return self.withdraw() if self.registered else "was not serving"
+
+    def reopen(self) -> None:
+        """A new generation may register again."""
+        self.closed = False
 
 
 class Heartbeat(threading.Thread):

@@ -6,14 +6,7 @@ real one). Reading is separated from deciding: `read()` turns the KV tree of one
 view; the few writes (`ensure_generation`, `claim_rank`, `publish_leader`, `end_generation`) are one
 Consul operation each, so the node loop can take one action per cycle.
 
-Keys, K = sglang-fleet/<cluster>/groups/<group>:
-  K/gen               decimal G; created with cas=0, changed only by CAS
-  K/g<G>/ranks/<r>    {"node", "addr", "fingerprint", "pid", "started"}, held with acquire=<session>
-  K/g<G>/leader       {"dist_init_addr", "url", "bootstrap_port"}, locked by rank 0 in a txn
-  K/g<G>/ended        {"reason", "by", "at", "cause"}, written in the txn that moves gen to G+1
-  K/g<G>/draining     {"by", "rank", "at"}: a member > 0 is stopping gracefully and asks rank 0 to drain
-  K/g<G>/drained      {"by", "at", "how"}: rank 0 has withdrawn its registration and drained (the asker goes on)
-Both drain keys are written in a txn that checks gen is still G (docs/protocol.md).
+The key layout (K = sglang-fleet/<cluster>/groups/<group>) is contract.Keys. Both drain keys are written in a txn that checks gen is still G (docs/protocol.md).
 """
 from __future__ import annotations
 
@@ -25,8 +18,7 @@ from typing import Any, Mapping, Protocol
 
 from sglang_fleet import consul_api as ca
 from sglang_fleet.config import PER_HOST_ENGINE_FLAGS, FleetConfig
-
-ROOT_PREFIX = "sglang-fleet"
+from sglang_fleet.contract import Keys
 
 # Settings every member of a group must agree on (the engine must see the same model and the same
 # parallel layout on every rank). sglang_args are compared without the per-host flags.
@@ -51,46 +43,6 @@ class Store(Protocol):
     def session_create(self, name: str, checks: list[str], *, lock_delay: int = 0, behavior: str = "delete",
                        ttl: int | None = None) -> str: ...
     def session_destroy(self, session_id: str) -> None: ...
-
-
-@dataclass(frozen=True)
-class Keys:
-    cluster: str
-    group: str
-
-    @property
-    def cluster_prefix(self) -> str:
-        return f"{ROOT_PREFIX}/{self.cluster}/groups/"
-
-    @property
-    def prefix(self) -> str:
-        return f"{self.cluster_prefix}{self.group}/"
-
-    @property
-    def gen(self) -> str:
-        return self.prefix + "gen"
-
-    def generation(self, g: int) -> str:
-        return f"{self.prefix}g{g}/"
-
-    def rank(self, g: int, r: int) -> str:
-        return f"{self.prefix}g{g}/ranks/{r}"
-
-    def leader(self, g: int) -> str:
-        return f"{self.prefix}g{g}/leader"
-
-    def ended(self, g: int) -> str:
-        return f"{self.prefix}g{g}/ended"
-
-    def draining(self, g: int) -> str:
-        return f"{self.prefix}g{g}/draining"
-
-    def fatal(self, node: str) -> str:
-        """Why `node` gave up (written as it exits FATAL, removed when it starts again): for `status`."""
-        return f"{self.prefix}fatal/{node}"
-
-    def drained(self, g: int) -> str:
-        return f"{self.prefix}g{g}/drained"
 
 
 @dataclass(frozen=True)
@@ -204,14 +156,15 @@ def fingerprint(cfg: FleetConfig, version: str | None = None) -> dict[str, Any]:
     return fp
 
 
-def fingerprint_mismatches(view: GroupView, mine: Mapping[str, Any], me: str) -> list[str]:
-    """One phrase per (other node, field) that differs from this node's fingerprint."""
+def fingerprint_mismatches(view: GroupView, mine: Mapping[str, Any], me: str,
+                           fields: tuple[str, ...] = FINGERPRINT_FIELDS) -> list[str]:
+    """One phrase per (other node, field among `fields`) that differs from this node's fingerprint."""
     out = []
     for r in sorted(view.members):
         m = view.members[r]
         if m.node == me:
             continue
-        for key in FINGERPRINT_FIELDS:
+        for key in fields:
             theirs, ours = m.fingerprint.get(key), mine.get(key)
             if theirs != ours:
                 out.append(f"{m.node} (rank {r}) differs in {key}: {_show(theirs)} there, {_show(ours)} here")

@@ -10,7 +10,9 @@ def backoff(attempt: int, base: float, cap: float) -> float:
         return 0.0
     state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
     state.attempt_number = attempt
-    return tenacity.wait_exponential_jitter(initial=base, max=cap, jitter=base / 2)(state)
+    # wait_exponential + wait_random rather than wait_exponential_jitter, whose `initial` newer tenacity deprecates.
+    wait = tenacity.wait_exponential(multiplier=base, max=cap) + tenacity.wait_random(0, base / 2)
+    return min(cap, wait(state))
 
 
 __all__ = ["backoff"]

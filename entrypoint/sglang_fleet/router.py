@@ -26,14 +26,12 @@ import time
 
 import tenacity
 
-from sglang_fleet import logs
+from sglang_fleet import contract, logs
 from sglang_fleet.config import FleetConfig
 from sglang_fleet.router_state import ROLE_BY_MODE, DesiredWorker, choose_mode, desired_from_services, reconcile
 from sglang_fleet.smg_client import SmgClient, SmgConflict, SmgError, remove_admin_key, write_admin_key
 from sglang_fleet.retry import backoff
 
-SERVICE = "sglang"
-ROUTER_SERVICE = "sglang-router"
 WATCH_WAIT = "10s"
 QUIET_MAX_FACTOR = 5  # a steady stream of changes is applied at the latest after 5 quiet windows
 SMG_STABLE_AFTER = 30.0  # smg that ran this long before exiting is restarted at once; sooner: with backoff
@@ -58,7 +56,7 @@ class RouterAgent:
         self._entries: list[dict] | None = None  # last answer from Consul; None until the first one
         self._seq = 0
         self._consul_ok = False
-        self.service_id = f"{ROUTER_SERVICE}-{cfg.cluster}-{cfg.node_name}"
+        self.service_id = contract.router_id(cfg.cluster, cfg.node_name)
         self._registered_mode: str | None = None
         self._quick_exits = 0  # smg exits in a row that came soon after its start
         self._parsed: tuple[int, tuple[list[DesiredWorker], set[str]]] | None = None
@@ -92,7 +90,7 @@ class RouterAgent:
         def health_service():
             nonlocal index
             try:
-                return api.health_service(SERVICE, tag=f"cluster:{self.cfg.cluster}", passing=True, index=index,
+                return api.health_service(contract.SERVING_SERVICE, tag=contract.cluster_tag(self.cfg.cluster), passing=True, index=index,
                                           wait=WATCH_WAIT)
             except ConsulError:
                 # A restarted or re-elected Consul may be behind our index: asking with it would block a
@@ -171,16 +169,17 @@ class RouterAgent:
         addr, scheme = advertise_addr(self.cfg), router_scheme(self.cfg)
         host = f"[{addr}]" if ":" in addr else addr
         api.register_service(
-            ROUTER_SERVICE, self.service_id, address=addr, port=self.cfg.router_port,
-            tags=[f"cluster:{self.cfg.cluster}", mode],
-            meta={"cluster": self.cfg.cluster, "node": self.cfg.node_name, "mode": mode, "scheme": scheme,
+            contract.ROUTER_SERVICE, self.service_id, address=addr, port=self.cfg.router_port,
+            tags=[contract.cluster_tag(self.cfg.cluster), mode],
+            meta={contract.META_CLUSTER: self.cfg.cluster, contract.META_NODE: self.cfg.node_name, contract.META_MODE: mode,
+                  contract.META_SCHEME: scheme,
                   "prometheus_port": str(self.cfg.router_prometheus_port)},
             # The check only asks whether smg answers; whose certificate it shows is for clients to verify.
             checks=[{"CheckID": self.service_id, "Name": "smg liveness",
                      "HTTP": f"{scheme}://{host}:{self.cfg.router_port}/liveness", "Interval": "5s",
                      "TLSSkipVerify": scheme == "https", "Timeout": "3s", "DeregisterCriticalServiceAfter": "1m"}])
         self._registered_mode = mode
-        self.log.info("registered in consul", service=ROUTER_SERVICE, id=self.service_id, address=addr,
+        self.log.info("registered in consul", service=contract.ROUTER_SERVICE, id=self.service_id, address=addr,
                       port=self.cfg.router_port, mode=mode)
 
     def _ensure_registered(self, api, mode: str) -> None:

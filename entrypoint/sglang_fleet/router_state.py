@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from sglang_fleet.config import NODE_ROLES
-from sglang_fleet.smg_client import (LABEL_CLUSTER, LABEL_GENERATION, LABEL_GROUP, LABEL_SERVICE_ID, MANAGED_BY,
-                                     MANAGED_VALUE, RouterWorker)
+from sglang_fleet.contract import (LABEL_CLUSTER, LABEL_GENERATION, LABEL_GROUP, LABEL_SERVICE_ID, MANAGED_BY,
+                                   MANAGED_VALUE)
+from sglang_fleet.smg_client import RouterWorker
 
 ROLE_BY_MODE = {"pd": ("prefill", "decode"), "regular": ("regular",)}
 

@@ -12,6 +12,7 @@ import socket
 import ssl
 from typing import Any
 
+from sglang_fleet import contract
 from sglang_fleet.config import FleetConfig
 from sglang_fleet.smg_client import SmgClient, SmgError, read_admin_key
 
@@ -69,10 +70,10 @@ def router_view(api, cfg: FleetConfig, timeout: float = 3.0) -> dict[str, Any]:
     """{"cluster", "consul": [passing services], "routers": [{"id", "url", "mode", "passing", "error",
     "workers": [...], "unmanaged": [...], "differences": [...]}], "ok"}. Raises ConsulError when Consul
     cannot be read (status reports that itself)."""
-    from sglang_fleet.router import ROUTER_SERVICE, SERVICE
+    from sglang_fleet.contract import ROUTER_SERVICE, SERVING_SERVICE, cluster_tag
     from sglang_fleet.router_state import desired_from_services
-    tag = f"cluster:{cfg.cluster}"
-    _, services = api.health_service(SERVICE, tag=tag, passing=True)
+    tag = cluster_tag(cfg.cluster)
+    _, services = api.health_service(SERVING_SERVICE, tag=tag, passing=True)
     desired, problems = desired_from_services(services, cfg.cluster)
     _, routers = api.health_service(ROUTER_SERVICE, tag=tag, passing=False)
     view: dict[str, Any] = {"cluster": cfg.cluster, "problems": problems, "routers": [],
@@ -83,7 +84,7 @@ def router_view(api, cfg: FleetConfig, timeout: float = 3.0) -> dict[str, Any]:
         svc, node = entry.get("Service") or {}, entry.get("Node") or {}
         host = svc.get("Address") or node.get("Address") or "127.0.0.1"
         meta = svc.get("Meta") or {}
-        scheme = "https" if meta.get("scheme") == "https" else "http"
+        scheme = "https" if meta.get(contract.META_SCHEME) == "https" else "http"
         url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{svc.get('Port')}"
         mode = meta.get("mode")
         passing = all(c.get("Status") == "passing" for c in entry.get("Checks") or [])

@@ -28,14 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sglang_fleet import secret_files
-
-# Labels on workers this appliance added. A worker without MANAGED_BY=MANAGED_VALUE is never touched.
-MANAGED_BY = "managed-by"
-MANAGED_VALUE = "sglang-fleet"
-LABEL_CLUSTER = "sglang-fleet/cluster"
-LABEL_GROUP = "sglang-fleet/group"
-LABEL_GENERATION = "sglang-fleet/generation"
-LABEL_SERVICE_ID = "sglang-fleet/service-id"
+from sglang_fleet.contract import LABEL_CLUSTER, MANAGED_BY, MANAGED_VALUE
 
 
 class SmgError(Exception):
@@ -176,7 +169,6 @@ def _decode(raw: bytes) -> Any:
 
 
 __all__ = [
-    "LABEL_CLUSTER", "LABEL_GENERATION", "LABEL_GROUP", "LABEL_SERVICE_ID", "MANAGED_BY", "MANAGED_VALUE",
     "RouterWorker", "SmgClient", "SmgConflict", "SmgError", "admin_key_path", "read_admin_key", "remove_admin_key",
     "write_admin_key",
 ]

@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from sglang_fleet import consul_api as ca
-from sglang_fleet import registration as reg
+from sglang_fleet import contract
 from sglang_fleet import rendezvous as rdv
 from sglang_fleet import router_view
 from sglang_fleet.config import FleetConfig
@@ -33,10 +33,10 @@ def _health(checks: list[dict]) -> str:
 
 def collect(api: ca.ConsulAPI, cluster: str) -> dict[str, Any]:
     """Everything `status` shows, as plain data (also the --json output)."""
-    prefix = f"{rdv.ROOT_PREFIX}/{cluster}/groups/"
+    prefix = contract.cluster_prefix(cluster)
     _, entries = api.kv_get_tree(prefix)
-    _, member_entries = api.health_service(reg.MEMBER_SERVICE, tag=f"cluster:{cluster}", passing=False)
-    _, serving_entries = api.health_service(reg.SERVING_SERVICE, tag=f"cluster:{cluster}", passing=False)
+    _, member_entries = api.health_service(contract.MEMBER_SERVICE, tag=contract.cluster_tag(cluster), passing=False)
+    _, serving_entries = api.health_service(contract.SERVING_SERVICE, tag=contract.cluster_tag(cluster), passing=False)
 
     heartbeats: dict[str, dict] = {}  # (group, node) -> member service entry
     for e in member_entries:
@@ -60,7 +60,7 @@ def collect(api: ca.ConsulAPI, cluster: str) -> dict[str, Any]:
                    | {h["group"] for h in heartbeats.values() if h["group"]} | set(serving))
     groups = []
     for name in names:
-        keys = rdv.Keys(cluster, name)
+        keys = contract.Keys(cluster, name)
         view = rdv.parse_view(keys, 0, [e for e in entries if e.key.startswith(keys.prefix)])
         members = []
         for r in sorted(view.members):
@@ -75,7 +75,7 @@ def collect(api: ca.ConsulAPI, cluster: str) -> dict[str, Any]:
         if view.ended:
             g = max(view.ended)
             last_ended = {"generation": g, **dict(view.ended[g])}
-        fatal_prefix = keys.prefix + "fatal/"
+        fatal_prefix = keys.fatal_prefix
         fatal = sorted((e.json() or {"node": e.key[len(fatal_prefix):], "reason": e.text}
                         for e in entries if e.key.startswith(fatal_prefix)), key=lambda f: str(f.get("node")))
         groups.append({

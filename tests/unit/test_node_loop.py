@@ -11,13 +11,11 @@ import time
 import pytest
 import structlog
 
-from sglang_fleet import consul_api as ca
 from sglang_fleet import drain as dr
 from sglang_fleet import node as node_mod
-from sglang_fleet import registration as reg
 from sglang_fleet.engine import EngineState
-from sglang_fleet.retry import backoff
-from test_rendezvous import FakeStore, cfg
+from fake_consul import FakeStore
+from rendezvous_contract import fleet_config as cfg
 
 
 class FakeAPI(FakeStore):
@@ -40,29 +38,44 @@ class FakeAPI(FakeStore):
         self.calls.append(("session_destroy", sid))
         super().session_destroy(sid)
 
-    def kv_acquire(self, key, value, session):
-        if session not in self.sessions:  # what consul_api makes of Consul's 500 "invalid session"
-            raise ca.ConsulNotFound(f'kv_acquire: 500 invalid session "{session}"')
-        super().kv_acquire(key, value, session)
 
 
 class ScriptedEngine:
-    """Stands in for engine.Engine: the test sets `.state`; stop() is recorded."""
+    """Stands in for engine.Engine (its child's states): the test sets `.state`; start, stop and
+    retry_later are recorded; after retry_later, poll() starts it again once the backoff is over."""
 
     def __init__(self, calls):
         self.calls = calls
-        self.state = EngineState.STOPPED
+        self._state, self.since = EngineState.STOPPED, time.monotonic()
         self.reason = "engine not started"
         self.pid = None
+        self.starts = 0
+        self.retry_at = None
+        self.launch = None
+
+    @property
+    def state(self):
+        return self._state
+
+    @state.setter
+    def state(self, state):
+        self._state, self.since = state, time.monotonic()
 
     def start(self, launch):
         self.calls.append(("engine_start", launch.argv[launch.argv.index("--node-rank") + 1]))
-        self.state, self.pid = EngineState.STARTING, 4242
+        self.launch, self.starts = launch, self.starts + 1
+        self.state, self.pid = EngineState.STARTING, 4241 + self.starts
 
     def poll(self):
+        if self.state is EngineState.BACKOFF and time.monotonic() >= self.retry_at:
+            self.start(self.launch)
         return self.state
 
-    def stop(self, grace=None):
+    def retry_later(self, delay):
+        self.calls.append(("engine_retry", delay))
+        self.state, self.pid, self.retry_at = EngineState.BACKOFF, None, time.monotonic() + delay
+
+    def stop(self, grace=None, wait=True):
         self.calls.append(("engine_stop",))
         self.state, self.pid = EngineState.STOPPED, None
         return "engine stopped"
@@ -101,8 +114,8 @@ def make_node(api, name, **env):
 def cycle_until(n, text, limit=30):
     seen = []
     for _ in range(limit):
-        n.fresh_needed = True  # what the watcher thread does on every change
-        sentence = n.run_cycle()
+        n.membership.fresh = True  # what the watcher thread does on every change
+        sentence = n.run_cycle().sentence
         seen.append(sentence)
         if sentence and text in sentence:
             return sentence
@@ -127,12 +140,12 @@ def test_group_forms_registers_and_peer_leaving_costs_no_budget(world):
     assert [c for c in calls if c[0] == "register"] == [("register", "sglang-c-g")]
 
     # bb's session dies (kill -9: heartbeat TTL): a ends the generation; withdraw, then stop, then leave.
-    api.session_destroy(b.session)
+    api.session_destroy(b.membership.session)
     assert cycle_until(a, "left") == "peer bb (rank 1) left; ending generation 0"
     del calls[:]
     assert cycle_until(a, "restarting") == "restarting the group in 0.0 s (no failure counted)"
     assert [c[0] for c in calls] == ["deregister", "engine_stop", "session_destroy"]
-    assert a.failures == 0 and a.rdv.read().generation == 1
+    assert a.budget.failures == 0 and a.rdv.read().generation == 1
     assert cycle_until(a, "joined generation 1")
 
 
@@ -170,8 +183,9 @@ def test_start_attempts_retry_within_the_generation(world):
     cycle_until(n, "engine started (pid 4242, attempt 1)")
     engines["solo"].state, engines["solo"].reason = EngineState.EXITED, "engine exited with code 1 before ready"
     assert "engine start attempt 1/2 failed" in cycle_until(n, "start attempt")
-    cycle_until(n, "engine started (pid 4242, attempt 2)")
-    assert n.failures == 0 and n.generation == 0
+    cycle_until(n, "engine started (pid 4243, attempt 2)")
+    assert n.budget.failures == 0 and n.membership.generation == 0
+    assert [c for c in calls if c[0] == "engine_retry"] == [("engine_retry", 0)]
 
 
 def test_a_failed_start_in_a_multinode_group_ends_the_generation_at_once(world, monkeypatch):
@@ -185,7 +199,7 @@ def test_a_failed_start_in_a_multinode_group_ends_the_generation_at_once(world, 
         cycle_until(n, "engine started (pid 4242, attempt 1)")
     engines["bb"].state, engines["bb"].reason = EngineState.EXITED, "engine exited with code 1 before ready"
     assert cycle_until(b, "ending generation") == "engine exited with code 1 before ready; ending generation 0"
-    assert b.start_attempts == 1 and b.failures == 1
+    assert b.gen.engine.starts == 1 and b.budget.failures == 1
     assert cycle_until(a, "ended").startswith("generation 0 ended by bb: engine exited with code 1 before ready")
 
 
@@ -194,12 +208,12 @@ def test_session_invalidated_while_waiting_for_a_rank_rejoins(world):
     a, b = make_node(api, "a", FLEET_NODE_RANK=0), make_node(api, "bb", FLEET_NODE_RANK=0)
     cycle_until(a, "claimed rank 0 of 2 in generation 0")
     cycle_until(b, "rank 0 (FLEET_NODE_RANK) is held by a in generation 0")
-    api.session_destroy(b.session)  # bb's heartbeat lapsed while it waited
-    api.session_destroy(a.session)  # then rank 0 frees up: bb must not retry its dead session forever
+    api.session_destroy(b.membership.session)  # bb's heartbeat lapsed while it waited
+    api.session_destroy(a.membership.session)  # then rank 0 frees up: bb must not retry its dead session forever
     assert cycle_until(b, "is gone") == "my session in generation 0 is gone (heartbeat missed?); rejoining"
     cycle_until(b, "joined generation 0 with session")
     cycle_until(b, "claimed rank 0 of 2 in generation 0")
-    assert b.failures == 0
+    assert b.budget.failures == 0
 
 
 def test_no_session_while_the_own_heartbeat_does_not_reach_consul(world):
@@ -214,40 +228,14 @@ def test_no_session_while_the_own_heartbeat_does_not_reach_consul(world):
     assert sentence == ("waiting for the heartbeat to reach Consul before joining generation 0 "
                         "(pass_ttl: ReadTimeout)")
     for _ in range(3):
-        b.fresh_needed = True
+        b.membership.fresh = True
         b.run_cycle()
-    assert b.session is None and api.sessions == {a.session}
+    assert b.membership.session is None and api.sessions == {a.membership.session}
     assert cycle_until(a, "waiting for") == "waiting for peers 1/2 in generation 0"
 
     b.heartbeat.last_error, b.heartbeat.last_pass = None, time.monotonic()  # its passes get through again
     cycle_until(b, "joined generation 0 with session")
     cycle_until(b, "claimed rank 1 of 2 in generation 0")
-
-
-def test_heartbeat_keeps_up_only_while_its_own_recent_passes_succeed():
-    hb = reg.Heartbeat(cfg(FLEET_NODE_NAME="a"), "10.0.0.1", threading.Event())
-
-    class Agent:
-        fail = False
-
-        def register_service(self, *a, **kw):
-            pass
-
-        def pass_ttl(self, check_id):
-            if self.fail:
-                raise ca.ConsulUnavailable("pass_ttl: ReadTimeout")
-
-    agent = Agent()
-    assert not hb.keeping_up()  # no pass yet
-    hb._beat(agent)
-    assert hb.registered.is_set() and hb.keeping_up()
-    assert not hb.keeping_up(now=time.monotonic() + reg.KEEPING_UP_BEATS * hb.interval + 0.1)  # stuck in a beat
-    agent.fail = True
-    hb._beat(agent)
-    assert not hb.keeping_up() and "ReadTimeout" in hb.last_error
-    agent.fail = False
-    hb._beat(agent)
-    assert hb.keeping_up() and hb.last_error is None
 
 
 def test_a_wake_just_after_a_timed_out_sleep_is_not_lost(world):
@@ -266,18 +254,10 @@ def test_a_wake_just_after_a_timed_out_sleep_is_not_lost(world):
             return woke
 
     n = make_node(api, "a")
-    n.wake, n.fresh_needed = LateWake(), False
+    n.wake, n.membership.fresh = LateWake(), False
     n._sleep(0.01)
     n._sleep(0.5)
-    assert n.fresh_needed  # the change is read in the next cycle, not up to RE_READ_EVERY later
-
-
-def test_backoff_grows_and_is_capped():
-    assert backoff(0, 1, 60) == 0
-    first = backoff(1, 1, 60)
-    assert 1 <= first <= 1.5
-    assert 8 <= backoff(4, 1, 60) <= 8.5
-    assert backoff(20, 1, 60) <= 60
+    assert n.membership.fresh  # the change is read in the next cycle, not up to RE_READ_EVERY later
 
 
 # ---- graceful stop: drain before any engine of the group stops -----------------------------------------
@@ -309,14 +289,14 @@ def test_rank0_stop_withdraws_then_drains_keeping_its_rank_then_stops(world, loa
     loads[:] = [2, 2, 1, 0, 0]
     del calls[:]
     a.request_stop()
-    assert a._begin_stop() == "stop requested: withdrew serving registration sglang-c-g; draining: 2 requests in flight"
+    assert a.leaving.begin_stop() == "stop requested: withdrew serving registration sglang-c-g; draining: 2 requests in flight"
     said = []
-    while a.drain is not None:
-        said.append(a._stop_cycle())
+    while a.gen.drain is not None:
+        said.append(a.leaving.stop_cycle().sentence)
     assert "draining: 1 request in flight" in said and said[-1].startswith("drained: no requests in flight after")
     # Only the registration is gone: the engine still runs, the rank key is still held, the peer serves on.
     assert calls == [("deregister", "sglang-c-g")]
-    assert a.rdv.read().members[0].session == a.session and a.engine.state is EngineState.RUNNING
+    assert a.rdv.read().members[0].session == a.membership.session and a.gen.engine.state is EngineState.RUNNING
     assert cycle_until(b, "engine ready") == "rank 1 of 2, engine ready in generation 0"
 
 
@@ -326,15 +306,15 @@ def test_member_stop_asks_rank0_to_drain_and_waits_for_it(world, loads):
     loads[:] = [1, 0, 0]
     del calls[:]
     b.request_stop()
-    assert b._begin_stop() == ("stop requested; asked rank 0 (a) to withdraw and drain generation 0 first "
+    assert b.leaving.begin_stop() == ("stop requested; asked rank 0 (a) to withdraw and drain generation 0 first "
                                "(waiting up to 35 s)")
-    assert b._stop_cycle() == "waiting for rank 0 to drain generation 0"
+    assert b.leaving.stop_cycle().sentence == "waiting for rank 0 to drain generation 0"
     assert cycle_until(a, "is stopping") == ("bb is stopping: withdrew serving registration sglang-c-g; "
                                              "draining: 1 request in flight")
     told = cycle_until(a, "told bb")
     assert told.startswith("drained: no requests in flight after") and told.endswith("; told bb to go on stopping")
-    assert b._stop_cycle().startswith("rank 0 drained generation 0 (drained: no requests in flight")
-    assert b.drain_wait_until is None  # the loop goes on to shutdown(): engine, session, heartbeat
+    assert b.leaving.stop_cycle().sentence.startswith("rank 0 drained generation 0 (drained: no requests in flight")
+    assert b.leaving.drain_wait_until is None  # the loop goes on to shutdown(): engine, session, heartbeat
     # Rank 0 does not register again while the member leaves; nothing was stopped on its side.
     assert cycle_until(a, "engine ready") == "rank 0 of 2, engine ready in generation 0"
     assert calls == [("deregister", "sglang-c-g")]
@@ -344,16 +324,16 @@ def test_member_stop_gives_up_waiting_when_the_generation_ends(world, loads):
     api, calls, engines = world
     a, b = serving_pair(api, engines)
     b.request_stop()
-    b._begin_stop()
-    api.session_destroy(a.session)  # rank 0 dies meanwhile
-    assert b._stop_cycle() == "a (rank 0) left generation 0; stopping"
+    b.leaving.begin_stop()
+    api.session_destroy(a.membership.session)  # rank 0 dies meanwhile
+    assert b.leaving.stop_cycle().sentence == "a (rank 0) left generation 0; stopping"
 
 
 def test_no_drain_when_disabled_or_after_a_failure(world, loads):
     api, calls, engines = world
     a, b = serving_pair(api, engines, FLEET_DRAIN_TIMEOUT=0)
     a.request_stop()
-    assert a._begin_stop() is None and a.drain is None  # shutdown() withdraws and stops at once
+    assert a.leaving.begin_stop() is None and a.gen.drain is None  # shutdown() withdraws and stops at once
     c = make_node(api, "solo", FLEET_NNODES=1, FLEET_TP_SIZE=1, FLEET_GROUP="")
     cycle_until(c, "engine started")
     engines["solo"].state = EngineState.RUNNING
@@ -361,4 +341,4 @@ def test_no_drain_when_disabled_or_after_a_failure(world, loads):
     engines["solo"].state, engines["solo"].reason = EngineState.EXITED, "engine exited with code 1 while running"
     cycle_until(c, "ending generation")
     c.request_stop()
-    assert c._begin_stop() is None  # the engine is dead: nothing in flight can be saved
+    assert c.leaving.begin_stop() is None  # the engine is dead: nothing in flight can be saved
