@@ -456,8 +456,21 @@ def test_transfer_backend_and_its_library(tmp_path):
     assert regular.status == doctor.SKIP
 
 
+def closed_port_run(length: int) -> int:
+    """The first of `length` consecutive ports that nothing listens on (other tests run beside this one)."""
+    while True:
+        base = closed_port()
+        try:
+            for port in range(base, base + length):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+
+
 def test_ports_cover_what_sglang_derives_from_the_dist_init_port():
-    base = closed_port()
+    base = closed_port_run(14)
     checks = doctor.check_ports(cfg_of(dist_port=base, tp_size=4, dp_size=4, attn_dp=1, http_port=closed_port()))
     assert checks.status == doctor.OK
     for port in (base, *range(base + 1, base + 7), base + 13):
