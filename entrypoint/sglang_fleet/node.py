@@ -26,7 +26,7 @@ import structlog
 
 from sglang_fleet import consul_api as ca
 from sglang_fleet import drain as dr
-from sglang_fleet import launch, logs, netprofile
+from sglang_fleet import health, launch, logs, netprofile
 from sglang_fleet import registration as reg
 from sglang_fleet import rendezvous as rdv
 from sglang_fleet.config import EX_CONFIG, ConfigError, FleetConfig
@@ -86,6 +86,7 @@ class Node(Leaving):
         self.idle_wait = 1.0
         self.fresh_needed = True  # read Consul in the next cycle (woken, or we just acted)
         self.view_at = 0.0
+        self.health = health.NodeHealth(cfg)  # /livez /readyz /metrics: observes this loop once per cycle
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -99,6 +100,7 @@ class Node(Leaving):
         code = 0
         try:
             while True:
+                self.health.observe(self)
                 if self.stop_event.is_set() and not self.stopping:
                     self.stopping = True
                     sentence = self._begin_stop()
@@ -113,6 +115,7 @@ class Node(Leaving):
                         self.log.info(f"Consul answers again after {self.consul_errors} failed attempt(s)")
                     self.consul_errors = 0
                 except ca.ConsulUnavailable as exc:
+                    self.health.consul_error(exc)
                     self.consul_errors += 1
                     self.fresh_needed = True
                     delay = backoff(self.consul_errors, 0.5, 5.0)
@@ -124,9 +127,11 @@ class Node(Leaving):
                     self._sleep(delay)
                     continue
                 except ca.ConsulConflict as exc:
+                    self.health.consul_error(exc)
                     # Somebody changed the group between our read and our write: read again.
                     sentence, self.fresh_needed, self.idle_wait = f"lost a race in Consul ({exc}); re-reading", True, 0
                 except ca.ConsulError as exc:  # e.g. ACL denied: not transient, but do not crash
+                    self.health.consul_error(exc)
                     self.consul_errors += 1
                     sentence = f"Consul refused a request ({exc}); retrying"
                     self.idle_wait, self.fresh_needed = backoff(self.consul_errors, 1.0, 30.0), True
@@ -353,6 +358,7 @@ class Node(Leaving):
 def run(cfg: FleetConfig) -> int:
     """`sglang-fleet node`."""
     node = Node(cfg)
+    health.serve(cfg, node.health)
     signal.signal(signal.SIGTERM, node.request_stop)
     signal.signal(signal.SIGINT, node.request_stop)
     return node.run()
