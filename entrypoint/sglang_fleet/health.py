@@ -195,8 +195,9 @@ class NodeHealth:
 
     def _detected(self, node: Any, now: float) -> None:
         e = node.ending
-        if e.own_failure and node.engine is not None and node.engine.since is not None:
-            self.detection_s.labels("own_engine").observe(max(0.0, now - node.engine.since))
+        failed_at = getattr(node.engine, "since", None)
+        if e.own_failure and failed_at is not None:
+            self.detection_s.labels("own_engine").observe(max(0.0, now - failed_at))
             return
         record = node.view.ended.get(e.generation) if node.view is not None and e.generation is not None else None
         if record and record.get("by") != node.node_name and isinstance(record.get("at"), (int, float)):
