@@ -21,10 +21,14 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest)
 
 from sglang_fleet import logs
 from sglang_fleet.config import EX_CONFIG, ConfigError, FleetConfig
+
+# No `<counter>_created` series: they double what is exposed and no panel or alert reads them.
+disable_created_metrics()
 
 PREFIX = "sglang_fleet_"
 # /livez fails once the loop has not beaten for this many times its longest sleep or block.
