@@ -19,7 +19,7 @@ import pytest
 from sglang_fleet import health
 from sglang_fleet.config import ConfigError, load_config
 from sglang_fleet.engine import EngineState
-from test_node_loop import cycle_until, make_node, plain_logging, world  # noqa: F401 - fixtures
+from test_node_loop import make_node, plain_logging, world  # noqa: F401 - fixtures used here
 from test_rendezvous import cfg
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,8 +42,8 @@ def step(n, text):
     raise AssertionError(f"{n.node_name} never said {text!r}; last {sentence!r}")
 
 
-def test_readiness_and_gauges_follow_a_one_node_group_through_a_failure(world):
-    api, _calls, engines = world
+def test_readiness_and_gauges_follow_a_one_node_group_through_a_failure(request):
+    api, _calls, engines = request.getfixturevalue("world")
     n = make_node(api, "a", FLEET_NNODES=1, FLEET_TP_SIZE=1, FLEET_START_ATTEMPTS=1, FLEET_MAX_FAILURES=3)
     n.health.observe(n)
     assert n.health.readiness() == (False, "forming a group (generation None, rank None)")

@@ -41,8 +41,8 @@ def flags(argv):
 # ---------------------------------------------------------------- argv
 
 def test_engine_metrics_flag_follows_the_setting():
-    assert "enable-metrics" in flags(build(cfg_of()).argv)
-    assert "enable-metrics" not in flags(build(cfg_of(engine_metrics=0)).argv)
+    assert "enable-metrics" in flags(build(cfg_of(model_path="m")).argv)
+    assert "enable-metrics" not in flags(build(cfg_of(model_path="m", engine_metrics=0)).argv)
 
 
 def test_guide_prefill_node1_argv():
