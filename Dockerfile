@@ -68,8 +68,9 @@ LABEL org.opencontainers.image.title="sglang-fleet" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.base.name="${BASE_IMAGE}"
 
-# HTTP (engine), dist-init, PD bootstrap, router, router metrics. NCCL uses further ports (see docs).
-EXPOSE 30000 20000 8998 8000 29000
+# HTTP (engine), dist-init, PD bootstrap, router, router metrics, the supervisor's /livez /readyz /metrics
+# (FLEET_HEALTH_PORT). NCCL uses further ports (see docs).
+EXPOSE 30000 20000 8998 8000 29000 9400
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=8s --start-period=60s --retries=3 \
   CMD ["/usr/local/bin/docker-entrypoint.sh", "healthcheck"]

@@ -26,15 +26,22 @@ check_config() {
 }
 
 healthcheck() {
-  local conf="$SUPERVISOR_RUN_DIR/supervisord.conf"
+  local conf="$SUPERVISOR_RUN_DIR/supervisord.conf" port=${FLEET_HEALTH_PORT:-9400} url
   # Every program RUNNING (exit 3 from supervisorctl when one is not).
   "$FLEET_HOME/bin/supervisorctl" -c "$conf" status >/dev/null || return 1
-  if [ "$(program_for_role)" = router ]; then
-    "$FLEET_HOME/bin/python" - "${FLEET_ROUTER_PORT:-8000}" <<'PY' || return 1
-import sys, urllib.request
-urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=4).read()
-PY
+  if [ "$port" != 0 ]; then
+    # The supervisor's own verdict (docs/operations.md): a node is part of a serving generation; the
+    # router agent has read Consul and its smg answers. (python: the slim base image has no curl.)
+    url="http://127.0.0.1:$port/readyz"
+  elif [ "$(program_for_role)" = router ]; then
+    url="http://127.0.0.1:${FLEET_ROUTER_PORT:-8000}/health"
+  else
+    return 0
   fi
+  "$FLEET_HOME/bin/python" - "$url" <<'PY' || return 1
+import sys, urllib.request
+urllib.request.urlopen(sys.argv[1], timeout=4).read()
+PY
 }
 
 # The container's arguments that start with -- are extra launch_server flags (`sglang-fleet node -- ...`);

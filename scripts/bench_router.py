@@ -94,7 +94,8 @@ class Bench:
         time.sleep(1.0)  # the dev agent registers its own node just after electing itself
         self.base_env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "CONSUL_"))}
         self.base_env.update({"CONSUL_HTTP_ADDR": f"127.0.0.1:{self.consul_port}", "FLEET_CLUSTER": self.cluster,
-                              "FLEET_LOG_FORMAT": "json", "NO_PROXY": "*", "no_proxy": "*"})
+                              "FLEET_LOG_FORMAT": "json", "NO_PROXY": "*", "no_proxy": "*",
+                              "FLEET_HEALTH_PORT": "0"})  # several supervisors on one host: 9400 is taken once
         self.addr_seq = 2
 
     def start_router(self) -> str:

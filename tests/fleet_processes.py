@@ -254,6 +254,11 @@ class Supervisor:
     def http_url(self) -> str:
         return f"http://{self.addr}:{self.env['FLEET_HTTP_PORT']}"
 
+    @property
+    def health_url(self) -> str:
+        """The supervisor's own /livez /readyz /metrics (it listens on every interface)."""
+        return f"http://{self.addr}:{self.env['FLEET_HEALTH_PORT']}"
+
     def text(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
@@ -371,6 +376,7 @@ class Supervisors:
             "FLEET_HTTP_PORT": str(free_port(addr)),
             "FLEET_DIST_PORT": str(free_port(addr)),
             "FLEET_BOOTSTRAP_PORT": str(free_port(addr)),
+            "FLEET_HEALTH_PORT": str(free_port("0.0.0.0")),  # the default 9400 would collide between supervisors
             "NO_PROXY": "*", "no_proxy": "*",
         })
         env.update({k: str(v) for k, v in overrides.items() if v is not None})
@@ -440,6 +446,8 @@ class Router:
     def __init__(self, consul_addr: str, cluster: str, workdir: Path, port: int | None = None,
                  prom_port: int | None = None, **env):
         self.port, self.prom_port = port or free_port(), prom_port or free_port()
+        self.health_port = int(env.get("FLEET_HEALTH_PORT") or free_port("0.0.0.0"))
+        self.health_url = f"http://127.0.0.1:{self.health_port}"
         # With FLEET_ROUTER_TLS_CERT smg serves HTTPS; the harness reads it without verifying (tests that
         # are about the certificate verify it themselves).
         self.tls = None
@@ -452,6 +460,7 @@ class Router:
         self.env.update({"FLEET_ROLE": "router", "CONSUL_HTTP_ADDR": consul_addr, "FLEET_CLUSTER": cluster,
                          "FLEET_NODE_NAME": f"router-{self.port}", "FLEET_ROUTER_HOST": "127.0.0.1",
                          "FLEET_ROUTER_PORT": str(self.port), "FLEET_ROUTER_PROMETHEUS_PORT": str(self.prom_port),
+                         "FLEET_HEALTH_PORT": str(self.health_port),
                          "FLEET_LOG_FORMAT": "json", "FLEET_BACKOFF_BASE": "0.2", "FLEET_BACKOFF_MAX": "2",
                          "NO_PROXY": "*", "no_proxy": "*"})
         self.env.update({k: str(v) for k, v in env.items()})

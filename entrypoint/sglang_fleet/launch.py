@@ -115,6 +115,8 @@ def engine_flags(cfg: FleetConfig, rank: int, nnodes: int, dist_init_addr: str,
         flags["ep-num-redundant-experts"] = str(cfg.ep_redundant_experts)
     if cfg.device == "cpu":
         flags["device"] = "cpu"
+    if cfg.engine_metrics:  # SGLang serves /metrics on the engine's port only with this flag
+        flags["enable-metrics"] = True
 
     for name, value in cfg.sglang_args:
         if name == "enable-dp-attention":

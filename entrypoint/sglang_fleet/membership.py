@@ -143,25 +143,32 @@ class Membership:
             self.view, self.view_at, self.fresh = self.rdv.read(), now, False
         return self.step(self.view)
 
-    def guarded(self, cycle: Callable[[], Step]) -> Step:
-        """Runs one cycle (Consul reads and writes in it); Consul's errors become Steps."""
+    def guarded(self, cycle: Callable[[], Step],
+                on_error: Callable[[ca.ConsulError], None] | None = None) -> Step:
+        """Runs one cycle (Consul reads and writes in it); Consul's errors become Steps. `on_error` is told
+        of each error first (the node's metrics count them)."""
         try:
             step = cycle()
-        except ca.ConsulUnavailable as exc:
-            self.consul_errors += 1
+        except ca.ConsulError as exc:
+            if on_error is not None:
+                on_error(exc)
+            return self._consul_failed(exc)
+        self._recovered()
+        return step
+
+    def _consul_failed(self, exc: ca.ConsulError) -> Step:
+        if isinstance(exc, ca.ConsulConflict):
+            # Somebody changed the group between our read and our write: read again.
+            return Step.acted(f"lost a race in Consul ({exc}); re-reading")
+        self.consul_errors += 1
+        if isinstance(exc, ca.ConsulUnavailable):
             engine = self.gen.engine
             running = " the engine keeps running;" if engine is not None and engine.pid else ""
             return Step(Action.UNAVAILABLE, f"Consul unavailable ({exc});{running} retrying",
                         backoff(self.consul_errors, 0.5, 5.0), reread=True, warning=True)
-        except ca.ConsulConflict as exc:
-            # Somebody changed the group between our read and our write: read again.
-            return Step.acted(f"lost a race in Consul ({exc}); re-reading")
-        except ca.ConsulError as exc:  # e.g. ACL denied: not transient, but do not crash
-            self.consul_errors += 1
-            return Step(Action.UNAVAILABLE, f"Consul refused a request ({exc}); retrying",
-                        backoff(self.consul_errors, 1.0, 30.0), reread=True)
-        self._recovered()
-        return step
+        # e.g. ACL denied: not transient, but do not crash
+        return Step(Action.UNAVAILABLE, f"Consul refused a request ({exc}); retrying",
+                    backoff(self.consul_errors, 1.0, 30.0), reread=True)
 
     def _recovered(self) -> None:
         if self.consul_errors:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import structlog
 
 from sglang_fleet import consul_api as ca
-from sglang_fleet import launch, logs, netprofile
+from sglang_fleet import health, launch, logs, netprofile
 from sglang_fleet import registration as reg
 from sglang_fleet import rendezvous as rdv
 from sglang_fleet.config import EX_CONFIG, ConfigError, FleetConfig
@@ -69,6 +69,7 @@ class Node:
         self.budget = Budget()
         self.watcher = Watcher(cfg, self.rdv.keys.prefix, self.wake, self.helpers_stop)
         self.log = logs.get("sglang_fleet.node")
+        self.health = health.NodeHealth(cfg)  # /livez /readyz /metrics: observes this loop once per cycle
 
     @property
     def gen(self) -> Generation:
@@ -87,6 +88,7 @@ class Node:
         code = 0
         try:
             while True:
+                self.health.observe(self)
                 if self.stop_event.is_set() and not self.leaving.stopping:
                     sentence = self.leaving.begin_stop()
                     if sentence:
@@ -94,7 +96,8 @@ class Node:
                         last = sentence
                 if self.leaving.done:
                     break
-                step = self.membership.guarded(self.leaving.stop_cycle if self.leaving.stopping else self.run_cycle)
+                step = self.membership.guarded(self.leaving.stop_cycle if self.leaving.stopping else self.run_cycle,
+                                               on_error=self.health.consul_error)
                 if step.sentence and step.sentence != last:
                     if step.warning:
                         self.log.warning(step.sentence, retry_in=round(step.wait, 2))
@@ -259,6 +262,7 @@ class Node:
 def run(cfg: FleetConfig) -> int:
     """`sglang-fleet node`."""
     node = Node(cfg)
+    health.serve(cfg, node.health)
     signal.signal(signal.SIGTERM, node.request_stop)
     signal.signal(signal.SIGINT, node.request_stop)
     return node.run()

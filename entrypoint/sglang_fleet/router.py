@@ -26,7 +26,7 @@ import time
 
 import tenacity
 
-from sglang_fleet import contract, logs
+from sglang_fleet import contract, health, logs
 from sglang_fleet.config import FleetConfig
 from sglang_fleet.router_state import ROLE_BY_MODE, DesiredWorker, choose_mode, desired_from_services, reconcile
 from sglang_fleet.smg_client import SmgClient, SmgConflict, SmgError, remove_admin_key, write_admin_key
@@ -61,6 +61,7 @@ class RouterAgent:
         self._quick_exits = 0  # smg exits in a row that came soon after its start
         self._parsed: tuple[int, tuple[list[DesiredWorker], set[str]]] | None = None
         self.log = logs.get("router", cluster=cfg.cluster)
+        self.health = health.RouterHealth(cfg, lambda: self.smg.running() and self.smg.client.alive(timeout=1.0))
 
     def stop(self) -> None:
         self._stop.set()
@@ -92,7 +93,8 @@ class RouterAgent:
             try:
                 return api.health_service(contract.SERVING_SERVICE, tag=contract.cluster_tag(self.cfg.cluster), passing=True, index=index,
                                           wait=WATCH_WAIT)
-            except ConsulError:
+            except ConsulError as exc:
+                self.health.consul_error(exc)
                 # A restarted or re-elected Consul may be behind our index: asking with it would block a
                 # whole wait for nothing (docs/protocol.md "Blocking queries"). Ask afresh.
                 index = 0
@@ -109,6 +111,7 @@ class RouterAgent:
                 self.log.info("consul answers", address=getattr(api, "address", "?"), services=len(entries))
             with self._lock:
                 self._consul_ok = True
+                self.health.consul_answered(changed=entries != last)
                 if entries != last:
                     last, self._entries = entries, entries
                     self._seq += 1
@@ -147,14 +150,17 @@ class RouterAgent:
         for w in remove:
             if w.url not in replaced:
                 client.remove_worker(w.id)
+                self.health.changed("removed", w.worker_type)
                 done.append(f"removed {w.worker_type} {w.url}")
         for d in add:
             try:
                 if d.url in replaced:
                     client.replace_worker(by_url[d.url].id, d.body(self.cfg.engine_api_key))
+                    self.health.changed("replaced", d.worker_type)
                     done.append(f"replaced {d.worker_type} {d.url} (group {d.group} generation {d.generation})")
                 else:
                     client.add_worker(d.body(self.cfg.engine_api_key))
+                    self.health.changed("added", d.worker_type)
                     done.append(f"added {d.worker_type} {d.url} (group {d.group} generation {d.generation})")
             except SmgConflict as e:  # still being added, or still draining: the next resync retries
                 self.log.debug("add deferred", url=d.url, reason=str(e))
@@ -202,6 +208,7 @@ class RouterAgent:
             self._keep_admin_key()
             threading.Thread(target=self._watch, name="consul-watch", daemon=True).start()
             while not self._stop.is_set():
+                self.health.beat.beat()
                 state = self._desired()
                 mode = choose_mode(self.cfg.router_mode, state[1] if state else (), self.smg.mode)
                 if not self.smg.running() or self.smg.mode != mode:
@@ -210,6 +217,7 @@ class RouterAgent:
                     elif self.smg.mode is not None:
                         self._after_smg_exit()
                     try:
+                        self.health.smg_starts.inc()
                         self._start_smg(mode)
                     except SmgStartFailed as e:
                         if self._stop.is_set():
@@ -234,6 +242,7 @@ class RouterAgent:
                         routed = [w for w in state[0] if w.worker_type in ROLE_BY_MODE[mode]]
                         changed = self.apply(routed)
                         applied = {w.url for w in routed}
+                        self.health.applied(routed, ROLE_BY_MODE[mode])
                         ignored = sorted({w.worker_type for w in state[0]} - set(ROLE_BY_MODE[mode]))
                         if ignored and dirty:
                             self.log.warning("groups of these roles are not routed in this mode", mode=mode,
@@ -308,6 +317,7 @@ def advertise_addr(cfg: FleetConfig) -> str:
 def run(cfg: FleetConfig) -> int:
     """`sglang-fleet router`: SIGTERM/SIGINT deregister, stop smg and exit 0."""
     agent = RouterAgent(cfg)
+    health.serve(cfg, agent.health)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop())
     return agent.run()

@@ -285,6 +285,8 @@ class FleetConfig:
         "engine", None, "SGLang's --admin-api-key: the key of the engine's admin routes (/flush_cache, weight "
         "updates, profiling, ...); without it SGLang refuses the admin-only ones to everybody.", "...",
         secret=True)
+    engine_metrics: bool = setting("engine", True, "Start the engine with --enable-metrics (SGLang's Prometheus "
+                                   "metrics on its HTTP port, /metrics).", "0")
     engine_python: str = setting("engine", "python3", "Interpreter that runs `-m sglang.launch_server` (the one "
                                  "with SGLang installed; the sim engine always uses sglang-fleet's own).",
                                  "/opt/venv/bin/python")
@@ -300,6 +302,9 @@ class FleetConfig:
     advertise_addr: str = setting("network", "", "Address peers and the router use to reach this node; defaults "
                                   "to the address of the interface that routes to Consul.", "10.0.0.12")
     http_port: int = setting("network", 30000, "The engine's HTTP port (--port).", "30000")
+    health_port: int = setting(
+        "network", 9400, "Port of the supervisor's health endpoint (/livez, /readyz, /metrics; node and router "
+        "agent; docs/operations.md); 0 turns it off.", "9400")
     dist_port: int = setting("network", 20000, "Port of the dist-init address on rank 0 (--dist-init-addr).",
                              "20000")
     transfer_backend: str = setting(
@@ -435,7 +440,7 @@ OTHER_FLEET_VARIABLES = {
 COMMAND_SETTINGS = {
     "node": {"sections": ("node", "engine", "network", "sim", "consul", "logging"), "keys": ()},
     "router": {"sections": ("router", "consul", "logging"),
-               "keys": ("role", "cluster", "node_name", "advertise_addr", "backoff_base", "backoff_max",
+               "keys": ("role", "cluster", "node_name", "advertise_addr", "health_port", "backoff_base", "backoff_max",
                         "start_attempts")},
 }
 

@@ -47,6 +47,8 @@ def validate_config(cfg: FleetConfig, cluster_only: bool = False) -> list[str]:
         val = getattr(cfg, key)
         if not 1 <= val <= 65535:
             p.append(f"FLEET_{key.upper()}={val}: must be a port number between 1 and 65535")
+    if not 0 <= cfg.health_port <= 65535:
+        p.append(f"FLEET_HEALTH_PORT={cfg.health_port}: must be a port number between 1 and 65535, or 0 (off)")
     if cfg.router_shutdown_grace < 0:
         p.append(f"FLEET_ROUTER_SHUTDOWN_GRACE={cfg.router_shutdown_grace}: must be zero or more seconds")
     for key in ("stop_grace", "drain_timeout", "backoff_base", "backoff_max", "stable_after", "sim_startup_delay",

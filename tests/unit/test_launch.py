@@ -40,6 +40,11 @@ def flags(argv):
 
 # ---------------------------------------------------------------- argv
 
+def test_engine_metrics_flag_follows_the_setting():
+    assert "enable-metrics" in flags(build(cfg_of(model_path="m")).argv)
+    assert "enable-metrics" not in flags(build(cfg_of(model_path="m", engine_metrics=0)).argv)
+
+
 def test_guide_prefill_node1_argv():
     cfg = cfg_of(preset="deepseek-r1-prefill", group="r1-prefill-a", nnodes=2)
     argv = build(cfg, rank=1).argv
@@ -53,6 +58,7 @@ def test_guide_prefill_node1_argv():
         "--dist-init-addr", "10.0.0.1:20000",
         "--nnodes", "2",
         "--node-rank", "1",
+        "--enable-metrics",  # FLEET_ENGINE_METRICS, on by default
         "--chunked-prefill-size", "524288",
         "--max-prefill-tokens", "32768",
         "--disable-radix-cache",
