@@ -96,8 +96,7 @@ class Node:
                         last = sentence
                 if self.leaving.done:
                     break
-                step = self.membership.guarded(self.leaving.stop_cycle if self.leaving.stopping else self.run_cycle,
-                                               on_error=self.health.consul_error)
+                step = self.cycle()
                 if step.sentence and step.sentence != last:
                     if step.warning:
                         self.log.warning(step.sentence, retry_in=round(step.wait, 2))
@@ -145,6 +144,11 @@ class Node:
         self.wake.set()
 
     # ---- one cycle: at most one action ----------------------------------------------------------------
+    def cycle(self) -> Step:
+        """One cycle as the loop runs it: Consul's errors become Steps, each one counted in the metrics."""
+        return self.membership.guarded(self.leaving.stop_cycle if self.leaving.stopping else self.run_cycle,
+                                       on_error=self.health.consul_error)
+
     def run_cycle(self) -> Step:
         if self.gen.ending is not None:
             return self.leaving.step_ending() or self._next_generation()

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from sglang_fleet import consul_api as ca
 from sglang_fleet import health
 from sglang_fleet.config import ConfigError, load_config
 from sglang_fleet.engine import EngineState
@@ -77,6 +78,35 @@ def test_readiness_and_gauges_follow_a_one_node_group_through_a_failure(request)
     assert value(n.health, "sglang_fleet_withdrawal_seconds_count", kind="generation_end") == 1
 
 
+def test_an_in_place_start_retry_counts_as_a_restart(request):
+    api, _calls, engines = request.getfixturevalue("world")
+    n = make_node(api, "a", FLEET_NNODES=1, FLEET_TP_SIZE=1, FLEET_START_ATTEMPTS=2)
+    step(n, "engine started (pid 4242, attempt 1)")
+    engines["a"].state, engines["a"].reason = EngineState.EXITED, "engine exited with code 1 before ready"
+    step(n, "start attempt 1/2 failed")
+    assert value(n.health, "sglang_fleet_engine_restarts_total", reason="start_retry") is None
+    step(n, "engine started (pid 4243, attempt 2)")
+    assert value(n.health, "sglang_fleet_engine_restarts_total", reason="start_retry") == 1
+    assert value(n.health, "sglang_fleet_failures") == 0
+
+
+def failing(error):
+    def read(*_args, **_kwargs):
+        raise error
+    return read
+
+
+def test_the_node_loop_counts_each_consul_error_by_kind(request, monkeypatch):
+    api, _calls, _engines = request.getfixturevalue("world")
+    n = make_node(api, "a")
+    for error in (ca.ConsulUnavailable("x"), ca.ConsulConflict("y"), ca.ConsulDenied("z")):
+        monkeypatch.setattr(api, "kv_get_tree", failing(error))
+        n.membership.fresh = True
+        assert error.args[0] in n.cycle().sentence
+    for kind in ("unavailable", "conflict", "denied"):
+        assert value(n.health, "sglang_fleet_consul_errors_total", kind=kind) == 1
+
+
 def test_rank_0_is_not_ready_before_it_registers_serving_and_a_rank_1_is():
     c = cfg(FLEET_NODE_NAME="a")
     h = health.NodeHealth(c)
@@ -111,7 +141,6 @@ def test_liveness_goes_stale_after_a_few_times_the_longest_loop_block():
 
 
 def test_consul_errors_are_counted_by_kind():
-    from sglang_fleet import consul_api as ca
     h = health.NodeHealth(cfg(FLEET_NODE_NAME="a"))
     h.consul_error(ca.ConsulUnavailable("x"))
     h.consul_error(ca.ConsulUnavailable("y"))
