@@ -30,7 +30,7 @@ def _engine_flags_or_exit(cfg) -> None:
     except ConfigError as e:
         print(e.report(), file=sys.stderr)
         raise SystemExit(EX_CONFIG) from None
-    verdict = sglang_parser.check_flags(cfg, launch.argv[3:])
+    verdict = sglang_parser.check_launch(cfg, launch)
     if verdict.error:
         print(ConfigError([verdict.error]).report(), file=sys.stderr)
         raise SystemExit(EX_CONFIG)

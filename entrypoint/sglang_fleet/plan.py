@@ -80,7 +80,7 @@ def plan_command(cfg: FleetConfig, node_rank: int | None, dist_init_addr: str | 
                 notes.append(f"dist-init address assumed to be {dist_init_addr}; pass --dist-init-addr "
                              f"<rank 0 address>:{cfg.dist_port}")
         launch = build_launch(cfg, rank, cfg.nnodes, dist_init_addr, advertise)
-        verdict = sglang_parser.check_flags(cfg, launch.argv[3:])
+        verdict = sglang_parser.check_launch(cfg, launch)
         if verdict.error:
             raise ConfigError([verdict.error])
         if verdict.note:

@@ -13,9 +13,13 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
+import yaml
+
 from sglang_fleet.config import FleetConfig
+from sglang_fleet.launch import EngineLaunch
 
 NOT_IMPORTABLE = 3  # the checker's exit status when SGLang cannot be imported
 TIMEOUT = 180.0  # importing SGLang takes seconds, tens on a busy host
@@ -49,6 +53,20 @@ def _candidates(cfg: FleetConfig) -> list[str]:
     return pythons
 
 
+def check_launch(cfg: FleetConfig, launch: EngineLaunch) -> ParserVerdict:
+    """The launch's flags through SGLang's parser. Its API-key --config file is written only when the engine
+    starts: the parser reads a stand-in with the same flags and placeholder keys."""
+    flags = launch.argv[3:]
+    if launch.secret_file is None:
+        return check_flags(cfg, flags)
+    path, text = launch.secret_file
+    placeholders = yaml.safe_dump({flag: "checked" for flag in yaml.safe_load(text)})
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as stand_in:
+        stand_in.write(placeholders)
+        stand_in.flush()
+        return check_flags(cfg, [stand_in.name if arg == str(path) else arg for arg in flags])
+
+
 def check_flags(cfg: FleetConfig, flags: list[str]) -> ParserVerdict:
     """`flags` (launch_server's arguments, without the interpreter) through SGLang's parser."""
     if cfg.engine != "sglang":
@@ -73,4 +91,4 @@ def check_flags(cfg: FleetConfig, flags: list[str]) -> ParserVerdict:
                          f"({'; '.join(tried)}); set FLEET_ENGINE_PYTHON to the one that has it")
 
 
-__all__ = ["ParserVerdict", "check_flags"]
+__all__ = ["ParserVerdict", "check_flags", "check_launch"]

@@ -53,3 +53,12 @@ def test_plan_accepts_real_flags_and_says_who_checked_them(fleet, sglang_python)
     plan = json.loads(proc.stdout)
     assert f"engine flags checked by SGLang's parser in {sglang_python}" in plan["warnings"]
     assert {"--mem-fraction-static", "--enable-metrics", "--chunked-prefill-size"} <= set(plan["argv"])
+
+
+def test_plan_with_engine_keys_checks_the_key_file_flag_before_the_file_exists(fleet, sglang_python):
+    """The keys' --config file is written only when the engine starts; the check must not need it."""
+    proc = fleet("plan", "--json", FLEET_ENGINE_API_KEY="k3y", FLEET_ENGINE_ADMIN_API_KEY="adm1n")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert f"engine flags checked by SGLang's parser in {sglang_python}" in plan["warnings"]
+    assert "--config" in plan["argv"] and "k3y" not in proc.stdout and "adm1n" not in proc.stdout

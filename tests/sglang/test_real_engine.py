@@ -294,11 +294,12 @@ def test_kill9_of_rank1_supervisor_kills_its_engine_stops_rank0_withdraws_and_a_
     assert not [p for p in descendants(rank0.proc.pid) if alive(p)]  # (a zombie waits for its reaping)
     assert not serving(consul_api, "two", "tp")
     two.router.wait_workers(lambda ws: rank0.http_url not in {w["url"] for w in ws}, "the router to drop the group")
-    rank0.wait_for(f"peer tp-b (rank 1) left; ending generation {g}", since=mark0)
+    # Which node holds rank 0 is the rendezvous' choice (tp-a only prefers it): names come from the ranks.
+    rank0.wait_for(f"peer {rank1.name} (rank 1) left; ending generation {g}", since=mark0)
     ended = view(consul_api, "two", "tp").ended[g]
-    assert ended["by"] == "tp-a" and "peer tp-b (rank 1) left" in ended["reason"]
+    assert ended["by"] == rank0.name and f"peer {rank1.name} (rank 1) left" in ended["reason"]
 
-    replacement = two.sups.start("tp-b", **member_env(1))
+    replacement = two.sups.start(rank1.name, **member_env(0 if rank1.name == "tp-a" else 1))
     wait_until(lambda: len(by_rank(consul_api, two)) == 2, 120, "the replacement to hold a rank")
     two.wait_serving(consul_api, "tp", by_rank(consul_api, two)[0].http_url)
     assert view(consul_api, "two", "tp").generation > g
@@ -318,7 +319,7 @@ def test_kill9_of_rank1_engine_only_restarts_the_group_together(two, consul_api)
     assert any("deepspeed_allreduce_buffer" in path for path in old_shm), old_shm
     kill_quietly(engine_pid(rank1), signal.SIGKILL)  # launch_server only; the supervisor lives
 
-    rank1.wait_for(re.compile(r"engine exited with code -9"), timeout=30, since=marks["tp-b"])
+    rank1.wait_for(re.compile(r"engine exited with code -9"), timeout=30, since=marks[rank1.name])
     wait_until(lambda: view(consul_api, "two", "tp").generation > g, 60, "the generation to end")
     wait_until(lambda: not alive(old0), 60, "rank 0's old engine to stop")
     for sup in (rank0, rank1):  # both start an engine again, in the next generation
@@ -330,11 +331,12 @@ def test_kill9_of_rank1_engine_only_restarts_the_group_together(two, consul_api)
     assert engine_pid(rank0) != old0
     assert generate(two.router.url)[0] == 200
     ended = view(consul_api, "two", "tp").ended[g]
-    assert ended["by"] == "tp-b" and "exited with code -9" in ended["reason"]
+    assert ended["by"] == rank1.name and "exited with code -9" in ended["reason"]
     # Both supervisors removed what their stopped engines left in /dev/shm (a new engine may use a name again).
     left = [path for path, ino in old_shm.items() if os.path.exists(path) and os.stat(path).st_ino == ino]
     assert left == []
-    assert rank1.events(re.compile(r"engine stopped .*removed \d+ file\(s\) it left in /dev/shm"), since=marks["tp-b"])
+    assert rank1.events(re.compile(r"engine stopped .*removed \d+ file\(s\) it left in /dev/shm"),
+                        since=marks[rank1.name])
 
 
 class Load:
