@@ -59,26 +59,281 @@ def test_gpu_compose_services_pass_the_configuration_check(docker_client, path):
         assert result == b"", f"{path.name}:{name}: {result.decode()}"
 
 
-def test_kubernetes_manifests_parse():
-    docs = list(yaml.safe_load_all((ROOT / "compose" / "kubernetes" / "sglang-fleet.yaml").read_text()))
-    kinds = [d["kind"] for d in docs]
-    assert kinds.count("StatefulSet") >= 1 and "Deployment" in kinds and "Service" in kinds
-    for d in docs:
-        if d["kind"] == "StatefulSet":
-            env = {e["name"]: e for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
-            assert "apps.kubernetes.io/pod-index" in env["FLEET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
-            assert d["spec"]["replicas"] >= 2
+# ---------------------------------------------------------------- Kubernetes
+
+K8S = ROOT / "compose" / "kubernetes"
+K8S_VERSION = "1.31"  # unhealthyPodEvictionPolicy is GA there; the pod-index label needs 1.28
+LWS_SCHEMA = Path(__file__).parent / "schemas" / "leaderworkerset-v1.json"
+GROUP_KINDS = ("LeaderWorkerSet", "StatefulSet")
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "compose" / "nomad").glob("*.nomad.hcl")), ids=lambda p: p.name)
-def test_nomad_job_parses_and_takes_no_rank_from_nomad(path):
+def k8s_objects(path: Path) -> list[dict]:
+    """The objects of a manifest file, the items of a `kind: List` included (YAML anchors resolved)."""
+    objs = []
+    for doc in yaml.safe_load_all(path.read_text()):
+        objs.extend(doc["items"] if doc["kind"] == "List" else [doc])
+    return objs
+
+
+def kustomization_objects(directory: Path) -> list[dict]:
+    """What a kustomization's `resources` hold, directories followed, without running kustomize."""
+    objs = []
+    for res in yaml.safe_load((directory / "kustomization.yaml").read_text())["resources"]:
+        target = directory / res
+        objs.extend(kustomization_objects(target) if target.is_dir() else k8s_objects(target))
+    return objs
+
+
+def pod_templates(obj: dict) -> list[dict]:
+    if obj["kind"] == "LeaderWorkerSet":
+        lwt = obj["spec"]["leaderWorkerTemplate"]
+        return [lwt["leaderTemplate"], lwt["workerTemplate"]]
+    return [obj["spec"]["template"]]
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def node_groups(objs: list[dict]) -> list[dict]:
+    return [o for o in objs if o["kind"] in GROUP_KINDS]
+
+
+def preset_stop_wait(preset: str) -> int:
+    from sglang_fleet.config import load_config
+    return load_config({"FLEET_PRESET": preset, "FLEET_GROUP": "g", "FLEET_NODE_NAME": "n"}).stop_wait
+
+
+VARIANTS = [K8S, K8S / "statefulset"]
+
+
+@pytest.mark.parametrize("path", sorted(K8S.rglob("*.yaml")), ids=lambda p: str(p.relative_to(K8S)))
+def test_kubernetes_objects_are_valid_for_their_schema(path):
+    """Every object against Kubernetes' own OpenAPI schema (strict: no unknown field); a LeaderWorkerSet
+    against the LWS API's fields, and its leader and worker templates as Kubernetes PodTemplateSpecs."""
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (dev dependency)")
+    jsonschema = pytest.importorskip("jsonschema")
+    if path.name == "kustomization.yaml":
+        return  # kustomize's own file: checked by the kustomization tests below
+    lws_schema = json.loads(LWS_SCHEMA.read_text())
+    for obj in k8s_objects(path):
+        if obj["kind"] == "LeaderWorkerSet":
+            jsonschema.validate(obj, lws_schema)
+            for template in pod_templates(obj):
+                kv.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+                             "template": template}, K8S_VERSION, strict=True)
+        else:
+            kv.validate(obj, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("directory", VARIANTS, ids=["leaderworkerset", "statefulset"])
+def test_kubernetes_node_pods_have_probes_requests_and_time_to_drain(directory):
+    from sglang_fleet.settings import SETTING_BY_KEY
+    health_port = SETTING_BY_KEY["health_port"].default
+    objs = kustomization_objects(directory)
+    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"} <= {o["kind"] for o in objs}
+    assert node_groups(objs), directory
+    for obj in objs:
+        for template in pod_templates(obj) if obj["kind"] in (*GROUP_KINDS, "Deployment") else []:
+            spec = template["spec"]
+            (container,) = spec["containers"]
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            assert ports["health"] == health_port, obj["metadata"]["name"]
+            assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "health"}
+            assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+            # Not BestEffort: requests for CPU and memory.
+            assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+            if obj["kind"] in GROUP_KINDS:
+                preset = template["metadata"]["labels"]["sglang-fleet/preset"]
+                assert spec["terminationGracePeriodSeconds"] >= preset_stop_wait(preset), preset
+                assert env_of(container)["FLEET_PRESET"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+                    "metadata.labels['sglang-fleet/preset']"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+@pytest.mark.parametrize("directory", VARIANTS, ids=["leaderworkerset", "statefulset"])
+def test_every_group_has_a_disruption_budget_of_one_pod(directory):
+    objs = kustomization_objects(directory)
+    pdbs = [o for o in objs if o["kind"] == "PodDisruptionBudget"]
+    for group in node_groups(objs):
+        labels = dict(pod_templates(group)[0]["metadata"]["labels"])
+        if group["kind"] == "LeaderWorkerSet":  # the label LWS puts on every pod of the set
+            labels["leaderworkerset.sigs.k8s.io/name"] = group["metadata"]["name"]
+        (pdb,) = [p for p in pdbs if _selects(p["spec"]["selector"], labels)]
+        assert pdb["spec"]["maxUnavailable"] == 1
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def test_leaderworkerset_groups_restart_and_update_as_a_whole_and_take_rank_and_group_from_lws():
+    groups = node_groups(kustomization_objects(K8S))
+    assert groups and all(g["kind"] == "LeaderWorkerSet" for g in groups)
+    for lws in groups:
+        lwt = lws["spec"]["leaderWorkerTemplate"]
+        assert lwt["restartPolicy"] == "RecreateGroupOnPodRestart"
+        assert lwt["size"] >= 2 and "leaderTemplate" in lwt and "workerTemplate" in lwt
+        assert lws["spec"]["rolloutStrategy"]["type"] == "RollingUpdate"
+        for template in pod_templates(lws):
+            env = env_of(template["spec"]["containers"][0])
+            assert env["FLEET_NODE_RANK"]["value"] == "$(LWS_WORKER_INDEX)"
+            assert env["FLEET_NNODES"]["value"] == "$(LWS_GROUP_SIZE)"
+            assert env["FLEET_GROUP"]["value"] == "$(LWS_NAME)-$(LWS_GROUP_INDEX)"
+            names = list(env)
+            # $(VAR) expands only variables defined before it (LWS prepends its own three).
+            assert names.index("LWS_NAME") < names.index("FLEET_GROUP")
+            assert names.index("LWS_GROUP_INDEX") < names.index("FLEET_GROUP")
+            assert env["LWS_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+                "metadata.labels['leaderworkerset.sigs.k8s.io/name']"
+            assert env["LWS_GROUP_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+                "metadata.labels['leaderworkerset.sigs.k8s.io/group-index']"
+
+
+def test_statefulset_groups_take_the_pod_index_and_are_replaced_on_delete_only():
+    groups = node_groups(kustomization_objects(K8S / "statefulset"))
+    assert groups and all(g["kind"] == "StatefulSet" for g in groups)
+    for sts in groups:
+        env = env_of(sts["spec"]["template"]["spec"]["containers"][0])
+        assert "apps.kubernetes.io/pod-index" in env["FLEET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+        assert sts["spec"]["replicas"] >= 2 and sts["spec"]["podManagementPolicy"] == "Parallel"
+        # A rolling update would re-form the group once per pod.
+        assert sts["spec"]["updateStrategy"] == {"type": "OnDelete"}
+
+
+@pytest.mark.parametrize("directory", VARIANTS, ids=["leaderworkerset", "statefulset"])
+def test_kustomization_sets_the_image_of_every_container(directory, tmp_path):
+    """The image and tag are kustomize parameters: changing `images` changes every container's image."""
+    kubectl = tool("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl (kustomize built in) not installed")
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(K8S, copy)
+    target = copy / directory.relative_to(K8S)
+    kust = yaml.safe_load((target / "kustomization.yaml").read_text())
+    (entry,) = kust["images"]
+    assert entry["name"] == "sglang-fleet"
+    entry.update(newName="registry.example.com/sglang-fleet", newTag="0.1.0-gpu")
+    (target / "kustomization.yaml").write_text(yaml.safe_dump(kust))
+    out = subprocess.run([kubectl, "kustomize", str(target)], capture_output=True, text=True, check=True).stdout
+    images = [c["image"] for obj in yaml.safe_load_all(out) for t in _templates_any(obj) for c in t["spec"]["containers"]]
+    assert images and set(images) == {"registry.example.com/sglang-fleet:0.1.0-gpu"}
+
+
+def _templates_any(obj: dict) -> list[dict]:
+    return pod_templates(obj) if obj["kind"] in (*GROUP_KINDS, "Deployment") else []
+
+
+# ---------------------------------------------------------------- Nomad
+
+NOMAD = ROOT / "compose" / "nomad"
+
+
+def hcl(path: Path) -> dict:
     hcl2 = pytest.importorskip("hcl2", reason="python-hcl2 (dev dependency) checks Nomad HCL syntax")
     with path.open() as f:
-        parsed = hcl2.load(f)
-    job = json.dumps(parsed["job"])
+        return hcl2.load(f)
+
+
+def unquote(value):
+    return value[1:-1] if isinstance(value, str) and value.startswith('"') and value.endswith('"') else value
+
+
+def seconds(duration: str) -> int:
+    d = unquote(duration)
+    return int(d[:-1]) * {"s": 1, "m": 60, "h": 3600}[d[-1]]
+
+
+def block(parent: dict, name: str) -> dict:
+    """The one block `name` (python-hcl2 gives blocks as lists; labelled ones as {"\"label\"": body})."""
+    (body,) = parent[name]
+    return body
+
+
+def labelled(parent: dict, name: str) -> dict[str, dict]:
+    return {unquote(k): v for b in parent.get(name, []) for k, v in b.items()}
+
+
+def nomad_job() -> tuple[dict, dict]:
+    parsed = hcl(NOMAD / "sglang-fleet.nomad.hcl")
+    (job,) = labelled(parsed, "job").values()
+    return parsed, job
+
+
+def node_group_body(job: dict) -> dict:
+    return block(labelled(job, "dynamic")["group"], "content")
+
+
+@pytest.mark.parametrize("path", sorted(NOMAD.glob("*.nomad.hcl")), ids=lambda p: p.name)
+def test_nomad_job_parses_and_takes_no_rank_from_nomad(path):
+    job = json.dumps(hcl(path)["job"])
     assert '"task"' in job, path
     # The rank is claimed in Consul: no task sets it, least of all from Nomad's alloc index.
     assert "FLEET_NODE_RANK" not in job and "NOMAD_ALLOC_INDEX" not in job
+
+
+def test_nomad_groups_are_replaced_whole_and_healthy_only_when_serving():
+    from sglang_fleet.settings import SETTING_BY_KEY
+    parsed, job = nomad_job()
+    group = node_group_body(job)
+    update = block(group, "update")
+    # Every member of a group at once: one re-formation per update.
+    assert update["max_parallel"] == group["count"] == "${group.value.nnodes}"
+    assert unquote(update["health_check"]) == "checks" and "canary" not in update
+    assert block(block(group, "network"), "port")['"health"']["static"] == SETTING_BY_KEY["health_port"].default
+    checks = block(parsed, "locals")["health_checks"]
+    assert set(checks) == {"readyz", "livez"} and checks["livez"]["restart"] and not checks["readyz"]["restart"]
+    router = labelled(job, "group")["router"]
+    for body in (group, router):
+        service = block(body, "service")
+        assert unquote(service["port"]) == "health"
+        checks_block = labelled(service, "dynamic")["check"]
+        assert checks_block["for_each"] == "${local.health_checks}"
+        check = block(checks_block, "content")
+        assert (unquote(check["type"]), unquote(check["path"])) == ("http", "/${check.key}")
+    # The router's health port is Nomad's (dynamic): it may share a host with a node.
+    assert block(labelled(router, "task")["router"], "env")["FLEET_HEALTH_PORT"] == '"${NOMAD_PORT_health}"'
+
+
+def test_nomad_kill_timeout_covers_the_drain_and_the_example_client_allows_it():
+    _, job = nomad_job()
+    node = labelled(node_group_body(job), "task")["node"]
+    kill_timeout = seconds(node["kill_timeout"])
+    presets = {g["preset"] for g in _nomad_groups_variables()}
+    assert presets and all(kill_timeout >= preset_stop_wait(p) for p in presets), presets
+    client = block(hcl(NOMAD / "client.hcl"), "client")
+    assert seconds(client["max_kill_timeout"]) >= kill_timeout
+
+
+def _nomad_groups_variables() -> list[dict]:
+    """The `groups` of the job's default and of every vars file."""
+    parsed, _ = nomad_job()
+    groups = list(labelled(parsed, "variable")["groups"]["default"])
+    for vars_file in NOMAD.glob("*.vars.hcl"):
+        groups += hcl(vars_file)["groups"]
+    return [{k: unquote(v) for k, v in g.items()} for g in groups]
+
+
+# ---------------------------------------------------------------- SLURM
+
+SBATCH = ROOT / "compose" / "slurm" / "sglang-fleet.sbatch"
+
+
+def sbatch_options() -> dict[str, str]:
+    opts = {}
+    for line in SBATCH.read_text().splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line[len("#SBATCH --"):].partition("=")
+            opts[key] = value
+    return opts
+
+
+def test_sbatch_stops_gracefully_before_the_time_limit_on_slurms_gpus():
+    opts = sbatch_options()
+    target, _, lead = opts["signal"].partition("@")
+    assert target == "B:TERM"  # the batch shell: it stops the nodes in order (srun would SIGKILL them)
+    assert int(lead) >= preset_stop_wait("llama-405b-slurm-xgrammar")
+    assert "gpus-per-node" in opts
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
