@@ -88,10 +88,11 @@ def kustomization_objects(directory: Path) -> list[dict]:
 
 
 def pod_templates(obj: dict) -> list[dict]:
+    """The pod templates of a LeaderWorkerSet (leader, worker), StatefulSet or Deployment; none of others."""
     if obj["kind"] == "LeaderWorkerSet":
         lwt = obj["spec"]["leaderWorkerTemplate"]
         return [lwt["leaderTemplate"], lwt["workerTemplate"]]
-    return [obj["spec"]["template"]]
+    return [obj["spec"]["template"]] if obj["kind"] in ("StatefulSet", "Deployment") else []
 
 
 def env_of(container: dict) -> dict[str, dict]:
@@ -110,14 +111,13 @@ def preset_stop_wait(preset: str) -> int:
 VARIANTS = [K8S, K8S / "statefulset"]
 
 
-@pytest.mark.parametrize("path", sorted(K8S.rglob("*.yaml")), ids=lambda p: str(p.relative_to(K8S)))
+@pytest.mark.parametrize("path", sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml"),
+                         ids=lambda p: str(p.relative_to(K8S)))
 def test_kubernetes_objects_are_valid_for_their_schema(path):
     """Every object against Kubernetes' own OpenAPI schema (strict: no unknown field); a LeaderWorkerSet
     against the LWS API's fields, and its leader and worker templates as Kubernetes PodTemplateSpecs."""
     kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (dev dependency)")
     jsonschema = pytest.importorskip("jsonschema")
-    if path.name == "kustomization.yaml":
-        return  # kustomize's own file: checked by the kustomization tests below
     lws_schema = json.loads(LWS_SCHEMA.read_text())
     for obj in k8s_objects(path):
         if obj["kind"] == "LeaderWorkerSet":
@@ -137,7 +137,7 @@ def test_kubernetes_node_pods_have_probes_requests_and_time_to_drain(directory):
     assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"} <= {o["kind"] for o in objs}
     assert node_groups(objs), directory
     for obj in objs:
-        for template in pod_templates(obj) if obj["kind"] in (*GROUP_KINDS, "Deployment") else []:
+        for template in pod_templates(obj):
             spec = template["spec"]
             (container,) = spec["containers"]
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -219,12 +219,8 @@ def test_kustomization_sets_the_image_of_every_container(directory, tmp_path):
     entry.update(newName="registry.example.com/sglang-fleet", newTag="0.1.0-gpu")
     (target / "kustomization.yaml").write_text(yaml.safe_dump(kust))
     out = subprocess.run([kubectl, "kustomize", str(target)], capture_output=True, text=True, check=True).stdout
-    images = [c["image"] for obj in yaml.safe_load_all(out) for t in _templates_any(obj) for c in t["spec"]["containers"]]
+    images = [c["image"] for obj in yaml.safe_load_all(out) for t in pod_templates(obj) for c in t["spec"]["containers"]]
     assert images and set(images) == {"registry.example.com/sglang-fleet:0.1.0-gpu"}
-
-
-def _templates_any(obj: dict) -> list[dict]:
-    return pod_templates(obj) if obj["kind"] in (*GROUP_KINDS, "Deployment") else []
 
 
 # ---------------------------------------------------------------- Nomad
