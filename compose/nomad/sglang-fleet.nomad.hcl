@@ -92,38 +92,11 @@ job "sglang-fleet" {
         auto_revert       = true
       }
 
-      # /livez and /readyz of the node supervisor (FLEET_HEALTH_PORT). Static: one node per host.
+      # /livez and /readyz of the node supervisor (FLEET_HEALTH_PORT; its service is in the task, where
+      # check_restart works). Static: one node per host.
       network {
         port "health" {
           static = 9400
-        }
-      }
-
-      # Nomad's own service catalog: the Consul catalog's `sglang` service is sglang-fleet's (rank 0 registers
-      # the serving group there), so the scheduler's checks stay out of it.
-      service {
-        provider = "nomad"
-        name     = "sglang-fleet-${var.cluster}-${group.value.name}"
-        port     = "health"
-        # /readyz: 200 only while this node is part of a serving generation, so a deployment is healthy when
-        # the whole group serves, not when its containers started. /livez: a stalled supervisor loop
-        # restarts the task (its group re-forms through Consul).
-        dynamic "check" {
-          for_each = local.health_checks
-          content {
-            name     = check.key
-            type     = "http"
-            path     = "/${check.key}"
-            interval = "10s"
-            timeout  = "3s"
-            dynamic "check_restart" {
-              for_each = check.value.restart ? [1] : []
-              content {
-                limit = 3
-                grace = "60s"
-              }
-            }
-          }
         }
       }
 
@@ -141,6 +114,34 @@ job "sglang-fleet" {
         # Withdraw the serving registration, drain, stop the engine: FLEET_DRAIN_TIMEOUT 30 s + FLEET_STOP_GRACE
         # 30 s + 15 s = 75 s <= 90 s. The client's max_kill_timeout must be >= 90 s (client.hcl).
         kill_timeout = "90s"
+
+        # Nomad's own service catalog: the Consul catalog's `sglang` service is sglang-fleet's (rank 0 registers
+        # the serving group there), so the scheduler's checks stay out of it.
+        service {
+          provider = "nomad"
+          name     = "sglang-fleet-${var.cluster}-${group.value.name}"
+          port     = "health"
+          # /readyz: 200 only while this node is part of a serving generation, so a deployment is healthy when
+          # the whole group serves, not when its containers started. /livez: a stalled supervisor loop
+          # restarts the task (its group re-forms through Consul).
+          dynamic "check" {
+            for_each = local.health_checks
+            content {
+              name     = check.key
+              type     = "http"
+              path     = "/${check.key}"
+              interval = "10s"
+              timeout  = "3s"
+              dynamic "check_restart" {
+                for_each = check.value.restart ? [1] : []
+                content {
+                  limit = 3
+                  grace = "60s"
+                }
+              }
+            }
+          }
+        }
 
         config {
           image        = var.image
@@ -198,39 +199,40 @@ job "sglang-fleet" {
       auto_revert      = true
     }
 
-    # Dynamic: the router may share a host with a node, which holds 9400.
+    # Dynamic: the router may share a host with a node, which holds 9400. Its service is in the task
+    # (check_restart works only there).
     network {
       port "health" {}
-    }
-
-    service {
-      provider = "nomad"
-      name     = "sglang-fleet-${var.cluster}-router"
-      port     = "health"
-      # /readyz: 200 once smg answers and the agent has read Consul.
-      dynamic "check" {
-        for_each = local.health_checks
-        content {
-          name     = check.key
-          type     = "http"
-          path     = "/${check.key}"
-          interval = "10s"
-          timeout  = "3s"
-          dynamic "check_restart" {
-            for_each = check.value.restart ? [1] : []
-            content {
-              limit = 3
-              grace = "60s"
-            }
-          }
-        }
-      }
     }
 
     task "router" {
       driver       = "docker"
       kill_signal  = "SIGTERM"
       kill_timeout = "60s"
+
+      service {
+        provider = "nomad"
+        name     = "sglang-fleet-${var.cluster}-router"
+        port     = "health"
+        # /readyz: 200 once smg answers and the agent has read Consul.
+        dynamic "check" {
+          for_each = local.health_checks
+          content {
+            name     = check.key
+            type     = "http"
+            path     = "/${check.key}"
+            interval = "10s"
+            timeout  = "3s"
+            dynamic "check_restart" {
+              for_each = check.value.restart ? [1] : []
+              content {
+                limit = 3
+                grace = "60s"
+              }
+            }
+          }
+        }
+      }
 
       config {
         image        = var.image

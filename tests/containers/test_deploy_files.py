@@ -283,15 +283,16 @@ def test_nomad_groups_are_replaced_whole_and_healthy_only_when_serving():
     checks = block(parsed, "locals")["health_checks"]
     assert set(checks) == {"readyz", "livez"} and checks["livez"]["restart"] and not checks["readyz"]["restart"]
     router = labelled(job, "group")["router"]
-    for body in (group, router):
-        service = block(body, "service")
+    node_task, router_task = labelled(group, "task")["node"], labelled(router, "task")["router"]
+    for task in (node_task, router_task):  # task services: check_restart works only there
+        service = block(task, "service")
         assert unquote(service["port"]) == "health"
         checks_block = labelled(service, "dynamic")["check"]
         assert checks_block["for_each"] == "${local.health_checks}"
         check = block(checks_block, "content")
         assert (unquote(check["type"]), unquote(check["path"])) == ("http", "/${check.key}")
     # The router's health port is Nomad's (dynamic): it may share a host with a node.
-    assert block(labelled(router, "task")["router"], "env")["FLEET_HEALTH_PORT"] == '"${NOMAD_PORT_health}"'
+    assert block(router_task, "env")["FLEET_HEALTH_PORT"] == '"${NOMAD_PORT_health}"'
 
 
 def test_nomad_kill_timeout_covers_the_drain_and_the_example_client_allows_it():
