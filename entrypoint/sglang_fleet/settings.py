@@ -412,7 +412,7 @@ OTHER_FLEET_VARIABLES = {
     "FLEET_NCCL_DIR": "sglang-fleet: a directory searched first for `<profile>.env`",
     "FLEET_ACL_DIR": "sglang-fleet: a directory searched first for `<role>.hcl` (ACL policies)",
     "FLEET_HOME": "the image: sglang-fleet's venv (Dockerfile, docker-entrypoint.sh, supervisord)",
-    "FLEET_LAUNCHER": "compose/slurm/sglang-fleet.sbatch: docker, pyxis or package",
+    "FLEET_LAUNCHER": "compose/slurm/sglang-fleet.sbatch: pyxis (default), apptainer, docker or package",
     "FLEET_GPU_IMAGE": "compose files and the SLURM script: the GPU image; scripts/images: its tag",
     "FLEET_MODELS_DIR": "compose files: the host directory mounted at /models",
     "FLEET_IMAGE": "scripts/images, compose/demo.yml: the CPU image",
