@@ -14,6 +14,7 @@ line when its scenario ends). Run: .venv/bin/python scripts/bench_chaos.py [--on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -45,12 +46,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), help="scenarios to run (default: all)")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
+    ap.add_argument("--keep", type=Path, help="keep every log here (one folder per scenario) instead of a temporary dir")
     args = ap.parse_args()
     binary = consul_binary()
     results = []
     for i, name in enumerate(args.only or SCENARIOS):
-        with tempfile.TemporaryDirectory(prefix=f"bench-chaos-{name}-") as tmp:
-            env = fc.ScenarioEnv(binary, Path(tmp), f"bench{os.getpid()}-{i}")
+        with contextlib.ExitStack() as keep:
+            workdir = (args.keep / f"{i}-{name}" if args.keep else
+                       Path(keep.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-chaos-{name}-"))))
+            workdir.mkdir(parents=True, exist_ok=True)
+            env = fc.ScenarioEnv(binary, workdir, f"bench{os.getpid()}-{i}")
             try:
                 with env.stack:
                     result = {"name": name, **SCENARIOS[name](env).as_json()}

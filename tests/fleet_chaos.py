@@ -46,6 +46,9 @@ class ReattachMissing(AssertionError):
 
 REATTACH_XFAIL = pytest.mark.xfail(strict=True, raises=ReattachMissing,
                                    reason="issue 11 item 1: re-attach not built yet")
+# Where today's outcome is a race (measured both ways on the same scenario): a pass is no surprise.
+REATTACH_XFAIL_RACE = pytest.mark.xfail(strict=False, raises=ReattachMissing,
+                                        reason="issue 11 item 1: re-attach not built yet; today a race")
 
 
 # ---- what flows and what is listed during a scenario ------------------------------------------------------
@@ -389,6 +392,6 @@ def member_dies_during_outage(env: ScenarioEnv, seconds: float = 20.0, replaceme
                    fault, ["a", "b"] if replacement else ["b"])
 
 
-__all__ = ["REATTACH_XFAIL", "Fleet", "OutageResult", "ReattachMissing", "ScenarioEnv", "Traffic", "WorkerWatch",
+__all__ = ["REATTACH_XFAIL", "REATTACH_XFAIL_RACE", "Fleet", "OutageResult", "ReattachMissing", "ScenarioEnv", "Traffic", "WorkerWatch",
            "check_untouched", "client_agent_restarted", "dev_agent_restarted_empty", "down", "joined_generations",
            "leader_killed", "measure", "member_dies_during_outage", "quorum_lost", "single_server_killed"]

@@ -6,7 +6,8 @@ Where no engine dies, the target is no engine restart, the same generation, no f
 router worker list that never lacks a group. The scenarios in which Consul loses the members' sessions
 (the single server the nodes talk to, their client agent down long enough to be marked failed, a -dev
 agent) need members that re-attach in the same generation (issue 11 item 1): they are strict xfails that
-raise only ReattachMissing today. With a real death (a member killed while a -dev agent is down), the group
+raise only ReattachMissing today. 2 of 3 servers down for 30 s is a race today (the group kept its
+engines in some runs and re-formed in others): a non-strict xfail, ReattachMissing only. With a real death (a member killed while a -dev agent is down), the group
 that lost a member leaves its generation once Consul is back (today's protocol), and only that group.
 
 The outage the Done-when names (single server killed 20 s, the nodes on it) is in
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet_chaos import (REATTACH_XFAIL, OutageResult, check_untouched, client_agent_restarted,
+from fleet_chaos import (REATTACH_XFAIL, REATTACH_XFAIL_RACE, OutageResult, check_untouched, client_agent_restarted,
                          dev_agent_restarted_empty, leader_killed, member_dies_during_outage, quorum_lost,
                          single_server_killed)
 
@@ -37,6 +38,7 @@ def test_leader_killed_election(chaos_env):
     check_untouched(leader_killed(chaos_env))
 
 
+@REATTACH_XFAIL_RACE
 def test_two_of_three_servers_killed_30s(chaos_env):
     check_untouched(quorum_lost(chaos_env, 30))
 
