@@ -195,7 +195,6 @@ class OutageResult:
     worker_list_lacking: dict[str, int]  # group -> samples of the router's list without it
     time_to_recover_s: float | None  # repair -> serving again for good (None: not within the timeout)
     serving_after: list[str]
-    notes: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict:
         return asdict(self)
