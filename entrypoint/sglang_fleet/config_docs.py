@@ -85,12 +85,19 @@ def list_settings(as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
+    def line(row: dict) -> str:
+        key = f" ({row['key']})" if row["key"] else ""
+        choices = f" [{row['choices']}]" if row["choices"] else ""
+        return f"{row['env']}{key} = {row['default']}{choices}: {row['help']}"
+    return _print_by_section(rows, line)
+
+
+def _print_by_section(rows: list[dict], line) -> int:
+    """The rows under a `# <section title>` heading each, in the settings table's section order."""
     for section, title in SECTIONS.items():
         print(f"# {title}")
         for row in (r for r in rows if r["section"] == section):
-            key = f" ({row['key']})" if row["key"] else ""
-            choices = f" [{row['choices']}]" if row["choices"] else ""
-            print(f"{row['env']}{key} = {row['default']}{choices}: {row['help']}")
+            print(line(row))
         print()
     return 0
 
@@ -126,9 +133,4 @@ def show(as_json: bool, engine_args: list[str]) -> int:
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
-    for section, title in SECTIONS.items():
-        print(f"# {title}")
-        for row in (r for r in rows if r["section"] == section):
-            print(f"{row['env']}={row['value']}  # {row['source']}")
-        print()
-    return 0
+    return _print_by_section(rows, lambda row: f"{row['env']}={row['value']}  # {row['source']}")

@@ -2,7 +2,7 @@
 
 The node is the real node.Node stepped one cycle at a time over the in-memory KV (tests/fake_consul.py)
 and a scripted engine (test_node_loop's world); the HTTP endpoint is the real server on a free port. The running thing (a sim
-group's endpoint, an engine killed) is in tests/integration/test_health.py.
+group's endpoint, an engine killed) is in tests/integration/test_health_endpoint.py.
 """
 from __future__ import annotations
 
