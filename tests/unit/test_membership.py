@@ -25,6 +25,7 @@ class Beat:
         self.registered.set()
         self.re_registrations = 0
         self.last_error = None
+        self.failed_at = None
 
     def keeping_up(self):
         return self.last_error is None
