@@ -121,6 +121,7 @@ class Membership:
         self.reattach_window = reattach_window if engine_ok is not None else 0.0
         self.engine_ok = engine_ok
         self.consul_failed_at: float | None = None  # monotonic: the last cycle Consul did not answer
+        self.reattached_at: float | None = None  # monotonic: the last re-attach finished (older failures are spent)
         self.log = logs.get("sglang_fleet.node")
 
     # ---- what this node is in its group ----------------------------------------------------------------
@@ -325,6 +326,7 @@ class Membership:
         gen.assignment = dataclasses.replace(a, members=tuple(view.members[m.rank] for m in a.members))
         gen.gen_index, gen.reregistrations = view.gen_index, self.heartbeat.re_registrations
         gen.reattach_since = gen.reattach_session = None
+        self.reattached_at = now
         sentence = f"re-attached to generation {g}: all {len(a.members)} members back after {took:.1f} s"
         if gen.rank == 0 and self.serving is not None and self.serving.registered:
             sentence += "; " + self.serving.register(g)
@@ -360,7 +362,8 @@ class Membership:
 
     def _consul_failed_recently(self, now: float) -> bool:
         """This node saw Consul fail (its own reads, its heartbeat, its agent's state) within the window."""
-        failures = [t for t in (self.consul_failed_at, self.heartbeat.failed_at) if t is not None]
+        failures = [t for t in (self.consul_failed_at, self.heartbeat.failed_at)
+                    if t is not None and (self.reattached_at is None or t > self.reattached_at)]
         return (self.heartbeat.re_registrations != self.gen.reregistrations
                 or any(now - t <= self.reattach_window for t in failures))
 
