@@ -7,7 +7,8 @@
   `consul_agent` (module-scoped) and `fresh_consul_agent` (per test), `cluster_name` (unique per test),
   `supervisor_env` (the settings every supervisor starts with; the sim here, the real engine in
   tests/sglang), `supervisors` and `make_supervisors(agent)` (a `Supervisors` factory, everything it
-  started is SIGKILLed at teardown), `start_router(**env)`, `consul_api`, `wait`.
+  started is SIGKILLed at teardown), `start_router(**env)`, `consul_api`, `wait`, and `chaos_env` (a
+  tests/fleet_chaos.py ScenarioEnv: the Consul outage scenarios, everything they start killed at teardown).
 - `wheel_fleet_bin`: `sglang-fleet` of the project's wheel installed in a fresh venv (once per session).
   Import plain helpers from tests/fleet_testing.py or tests/fleet_processes.py, never
   `from conftest import ...`: pytest re-imports every non-package conftest.py under the same module name.
@@ -23,6 +24,7 @@ import pytest
 import structlog
 
 from fleet_processes import SIM_ENV, ConsulAgent, Router, Supervisors, consul_binary
+from fleet_chaos import ScenarioEnv
 from fleet_testing import install_wheel, wait_until
 from sglang_fleet import logs
 from sglang_fleet.consul_api import ConsulAPI
@@ -126,3 +128,10 @@ def start_router(consul_agent, cluster_name, tmp_path):
     yield start
     for r in routers:
         r.kill()
+
+
+@pytest.fixture
+def chaos_env(consul_bin, tmp_path, cluster_name) -> Iterator[ScenarioEnv]:
+    env = ScenarioEnv(consul_bin, tmp_path, cluster_name)
+    with env.stack:
+        yield env

@@ -8,7 +8,9 @@ functions in router_state.py. Only workers carrying our label
 hand are left alone. The router registers itself in Consul as `sglang-router`.
 
 One thread decides (the loop in `RouterAgent.run`); the Consul watch and smg's output pump only record.
-Consul unreachable: the last known set stays in force (smg keeps its workers) and the watch retries.
+Consul unreachable: the last known set stays in force (smg keeps its workers) and the watch retries; once
+Consul answers again, the groups routed before the outage stay until Consul lists them again, for at
+most FLEET_ROUTER_OUTAGE_HOLD s (router_state.OutageHold, docs/protocol.md "Router").
 smg exited: it is started again with backoff and the whole list is added again. smg never outlives the
 agent: every way out of `run()` stops it, and a kill -9 of the agent takes it along (its death signal,
 child.py).
@@ -28,7 +30,8 @@ import tenacity
 
 from sglang_fleet import contract, logs
 from sglang_fleet.config import FleetConfig
-from sglang_fleet.router_state import ROLE_BY_MODE, DesiredWorker, choose_mode, desired_from_services, reconcile
+from sglang_fleet.router_state import (ROLE_BY_MODE, DesiredWorker, OutageHold, choose_mode, desired_from_services,
+                                       reconcile)
 from sglang_fleet.smg_client import SmgClient, SmgConflict, SmgError, remove_admin_key, write_admin_key
 from sglang_fleet.retry import backoff
 
@@ -56,6 +59,9 @@ class RouterAgent:
         self._entries: list[dict] | None = None  # last answer from Consul; None until the first one
         self._seq = 0
         self._consul_ok = False
+        self._lost = 0  # failed Consul reads so far (the watch counts, the loop compares)
+        self._back_at: float | None = None  # when Consul answered again after the latest failures
+        self._routed: dict[str, DesiredWorker] = {}  # url -> as applied to smg at the last reconcile
         self.service_id = contract.router_id(cfg.cluster, cfg.node_name)
         self._registered_mode: str | None = None
         self._quick_exits = 0  # smg exits in a row that came soon after its start
@@ -96,6 +102,11 @@ class RouterAgent:
                 # A restarted or re-elected Consul may be behind our index: asking with it would block a
                 # whole wait for nothing (docs/protocol.md "Blocking queries"). Ask afresh.
                 index = 0
+                with self._lock:
+                    if self._consul_ok:
+                        self.log.warning("consul unreachable; smg keeps its workers as they are")
+                    self._consul_ok = False
+                    self._lost += 1
                 raise
 
         while not self._stop.is_set():
@@ -108,6 +119,8 @@ class RouterAgent:
             if not self._consul_ok:
                 self.log.info("consul answers", address=getattr(api, "address", "?"), services=len(entries))
             with self._lock:
+                if not self._consul_ok and self._lost:
+                    self._back_at = time.monotonic()
                 self._consul_ok = True
                 if entries != last:
                     last, self._entries = entries, entries
@@ -197,11 +210,22 @@ class RouterAgent:
         api = self._consul_factory(self.cfg.consul)
         quiet = self.cfg.router_quiet_window
         resync_at, seen_seq, dirty, unanswered = 0.0, -1, True, 0
-        applied: set[str] = set()  # URLs of the groups routed at the last apply
+        hold, seen_lost, seen_back = OutageHold(self.cfg.router_outage_hold), 0, None
         try:
             self._keep_admin_key()
             threading.Thread(target=self._watch, name="consul-watch", daemon=True).start()
             while not self._stop.is_set():
+                with self._lock:
+                    consul_ok, lost, back_at = self._consul_ok, self._lost, self._back_at
+                if lost != seen_lost:
+                    hold.consul_lost(self._routed.values())
+                    seen_lost = lost
+                if consul_ok and back_at != seen_back:
+                    hold.consul_back(back_at)
+                    seen_back, dirty = back_at, True
+                    if hold.active:
+                        self.log.info("consul answers again; groups routed before the outage stay until they "
+                                      "pass again", kept=sorted(hold.kept), hold=hold.seconds)
                 state = self._desired()
                 mode = choose_mode(self.cfg.router_mode, state[1] if state else (), self.smg.mode)
                 if not self.smg.running() or self.smg.mode != mode:
@@ -222,7 +246,7 @@ class RouterAgent:
                     # Quiet window: new or changed groups are applied once Consul has been still for `quiet`
                     # s (at most QUIET_MAX_FACTOR windows); a group that stopped passing goes at once.
                     first = time.monotonic()
-                    while not self._stop.is_set() and quiet > 0 and not self._withdrawals(applied):
+                    while not self._stop.is_set() and quiet > 0 and not self._withdrawals(set(self._routed)):
                         seq = self._seq
                         if self._stop.wait(quiet) or self._seq == seq or time.monotonic() - first > quiet * QUIET_MAX_FACTOR:
                             break
@@ -231,9 +255,12 @@ class RouterAgent:
                 now = time.monotonic()
                 if state is not None and (dirty or now >= resync_at):
                     try:
-                        routed = [w for w in state[0] if w.worker_type in ROLE_BY_MODE[mode]]
+                        routed, hold_ended = hold.desired([w for w in state[0] if w.worker_type in ROLE_BY_MODE[mode]],
+                                                          now)
+                        if hold_ended:
+                            self.log.info(hold_ended)
                         changed = self.apply(routed)
-                        applied = {w.url for w in routed}
+                        self._routed = {w.url: w for w in routed}
                         ignored = sorted({w.worker_type for w in state[0]} - set(ROLE_BY_MODE[mode]))
                         if ignored and dirty:
                             self.log.warning("groups of these roles are not routed in this mode", mode=mode,
@@ -241,6 +268,8 @@ class RouterAgent:
                         dirty = False
                         # After a change, look again soon: additions finish and drains end in the background.
                         resync_at = now + (1.0 if changed else self.cfg.router_resync_interval)
+                        if hold.until is not None:  # end the hold on time even when Consul is quiet
+                            resync_at = min(resync_at, hold.until)
                     except SmgError as e:
                         unanswered += 1
                         self.log.warning("smg did not take the change; retrying", error=str(e), failures=unanswered)

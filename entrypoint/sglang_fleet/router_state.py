@@ -1,9 +1,10 @@
 """The router's pure decisions: Consul's passing services -> desired workers, smg's mode, and the
-reconcile (desired, actual) -> (add, remove). No I/O here; router.py acts on the answers.
+reconcile (desired, actual) -> (add, remove), and the hold of routed groups across a Consul outage
+(`OutageHold`). No I/O here; router.py acts on the answers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from sglang_fleet.config import NODE_ROLES
@@ -122,4 +123,48 @@ def reconcile(desired: Iterable[DesiredWorker], actual: Iterable[RouterWorker],
     return add, remove
 
 
-__all__ = ["DesiredWorker", "ROLE_BY_MODE", "choose_mode", "desired_from_services", "reconcile"]
+@dataclass
+class OutageHold:
+    """Consul's first answers after an outage may be incomplete: rank 0 is re-registering its group, the
+    checks of a restarted agent have not run yet, a -dev agent came back empty. Groups that were routed
+    when Consul stopped answering stay in smg until Consul lists them as passing again (at any
+    generation), for at most `seconds` after its first answer; then Consul's view rules again
+    (docs/protocol.md "Router"). Times are monotonic seconds passed in by the caller."""
+
+    seconds: float
+    kept: dict[str, DesiredWorker] = field(default_factory=dict)  # url -> as routed before the outage
+    until: float | None = None  # None while Consul has not answered since the outage began
+
+    @property
+    def active(self) -> bool:
+        return bool(self.kept)
+
+    def consul_lost(self, routed: Iterable[DesiredWorker]) -> None:
+        """Consul stopped answering. A second outage inside a hold keeps the first list: Consul has not
+        been complete since."""
+        if self.seconds <= 0:
+            return
+        if not self.kept:
+            self.kept = {w.url: w for w in routed}
+        self.until = None
+
+    def consul_back(self, now: float) -> None:
+        if self.kept and self.until is None:
+            self.until = now + self.seconds
+
+    def desired(self, desired: list[DesiredWorker], now: float) -> tuple[list[DesiredWorker], str]:
+        """`desired` plus the kept groups Consul does not list yet, and a sentence when the hold ends."""
+        if not self.kept:
+            return desired, ""
+        listed = {d.url for d in desired}
+        missing = sorted(self.kept.keys() - listed)
+        if self.until is not None and (not missing or now >= self.until):
+            self.kept, self.until = {}, None
+            if not missing:
+                return desired, "every group routed before the Consul outage passes again; hold ended"
+            return desired, (f"{', '.join(missing)} still not passing {self.seconds:g} s after Consul answered "
+                             "again; hold ended, withdrawing")
+        return desired + [self.kept[u] for u in missing], ""
+
+
+__all__ = ["DesiredWorker", "OutageHold", "ROLE_BY_MODE", "choose_mode", "desired_from_services", "reconcile"]

@@ -365,6 +365,10 @@ class FleetConfig:
     router_resync_interval: float = setting(
         "router", 5.0, "Seconds between full comparisons of smg's workers with Consul even when Consul is quiet "
         "(catches an smg restart or a hand edit).", "5")
+    router_outage_hold: float = setting(
+        "router", 30.0, "After a Consul outage, seconds during which the groups routed before it stay in smg until "
+        "Consul lists them as passing again (nodes re-register, checks run again, a -dev Consul comes back empty); "
+        "a group still missing then is withdrawn. 0: Consul's first answer rules.", "30")
     router_args: tuple[tuple[str, Any], ...] = setting("router", (), "Extra smg arguments, shell-quoted; not the ones "
                                                        "the agent writes from settings (--api-key, "
                                                        "--control-plane-api-keys, --tls-cert-path, --tls-key-path).",

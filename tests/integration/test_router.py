@@ -7,7 +7,9 @@
 - regular: two 1-node groups; requests are spread over both; a worker added by hand survives every
   reconcile; `sglang-fleet status` shows both views; smg killed -> the agent starts it again and rebuilds
   the list.
-- Consul down: smg keeps its workers; Consul back (empty): the router registers itself again.
+- Consul down: smg keeps its workers; Consul back (empty): the router registers itself again, and the
+  group stays in smg's list all along (held until it passes again, docs/protocol.md "Router"): smg's
+  /workers is listed every 0.2 s from before the outage until the hold ends.
 - API key: clients without it get 401; the agent manages the guarded worker API with it.
 - kill -9 of the agent: smg goes with it (its whole process group), and a new agent binds the same ports.
 """
@@ -21,6 +23,7 @@ import time
 
 import pytest
 
+from fleet_chaos import WorkerWatch
 from fleet_processes import CLIENT_TIMEOUT, Router, answers, http
 from fleet_testing import FLEET_BIN, free_port, wait_until
 from sglang_fleet.process_group import group_alive
@@ -183,23 +186,31 @@ def test_consul_outage_keeps_workers_and_router_registers_again(fresh_consul_age
     router = start_router(consul=fresh_consul_agent, FLEET_ROUTER_RESYNC_INTERVAL="1")
     router.wait_workers(lambda ws: group.http_url in {w["url"] for w in ws if w["status"] == "ready"},
                         "the router to list the group", timeout=90)
-
-    fresh_consul_agent.stop()
-    time.sleep(4)  # several resyncs and failed watches
-    assert group.http_url in router.ready_urls()
-    status, body = generate(router, "while consul is down")
-    assert status == 200, body
-    assert router.proc.poll() is None
-
-    # A -dev agent comes back empty: the router registers itself again, the node its group.
-    fresh_consul_agent.start()
-    api = fresh_consul_agent.api()
+    watch = WorkerWatch(router, interval=0.2)
+    watch.start()
     try:
-        wait_until(lambda: router_service(api, cluster_name), 60, "the router to register itself again")
+        fresh_consul_agent.stop()
+        time.sleep(4)  # several resyncs and failed watches
+        assert group.http_url in router.ready_urls()
+        status, body = generate(router, "while consul is down")
+        assert status == 200, body
+        assert router.proc.poll() is None
+
+        # A -dev agent comes back empty: the router registers itself again, the node its group; the group
+        # stays listed meanwhile and the hold ends once it passes again.
+        fresh_consul_agent.start()
+        api = fresh_consul_agent.api()
+        try:
+            wait_until(lambda: router_service(api, cluster_name), 60, "the router to register itself again")
+        finally:
+            api.close()
+        wait_until(lambda: router.events("every group routed before the Consul outage passes again"), 60,
+                   "the router's hold to end with the group passing again")
+        router.wait_workers(lambda ws: group.http_url in {w["url"] for w in ws if w["status"] == "ready"},
+                            "the group to be routed after the outage", timeout=60)
     finally:
-        api.close()
-    router.wait_workers(lambda ws: group.http_url in {w["url"] for w in ws if w["status"] == "ready"},
-                        "the group to be routed after the outage", timeout=60)
+        watch.stop()
+    assert len(watch.samples) > 20 and not watch.lacking(["solo"]), watch.lacking(["solo"])
 
 
 # ---- API key -----------------------------------------------------------------------------------------------

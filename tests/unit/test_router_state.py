@@ -1,7 +1,7 @@
 """router_state.py, the router's pure decisions: Consul entries -> desired workers, reconcile, mode choice."""
 from __future__ import annotations
 
-from sglang_fleet.router_state import DesiredWorker, choose_mode, desired_from_services, reconcile
+from sglang_fleet.router_state import DesiredWorker, OutageHold, choose_mode, desired_from_services, reconcile
 from sglang_fleet.smg_client import RouterWorker
 
 CLUSTER = "c1"
@@ -147,3 +147,47 @@ def test_worker_body_carries_the_engines_key_only_when_there_is_one():
     d = DesiredWorker(url="http://10.0.0.1:30000", worker_type="regular", cluster="c", group="g", generation="1")
     assert "api_key" not in d.body()
     assert d.body("ek")["api_key"] == "ek"
+
+
+# ---- the hold across a Consul outage ------------------------------------------------------------------------
+def test_outage_hold_keeps_routed_groups_until_consul_lists_them_again():
+    a, b = want("http://a:1", group="a"), want("http://b:2", group="b")
+    hold = OutageHold(30.0)
+    hold.consul_lost([a, b])
+    # Still unreachable: whatever the last answer says, both stay.
+    assert hold.desired([], now=0.0) == ([a, b], "")
+    hold.consul_back(now=100.0)
+    # Back, but empty (a -dev agent) or partial (rank 0 of b re-registering): nothing is withdrawn.
+    assert hold.desired([], now=101.0) == ([a, b], "")
+    assert hold.desired([a], now=110.0) == ([a, b], "")
+    assert hold.active
+    # b passes again, in another generation: it is Consul's version that counts; the hold ends.
+    b2 = want("http://b:2", group="b", gen="2")
+    assert hold.desired([a, b2], now=111.0) == ([a, b2], "every group routed before the Consul outage passes "
+                                                         "again; hold ended")
+    assert not hold.active
+    assert hold.desired([a], now=112.0) == ([a], "")  # afterwards Consul rules: b withdrawn at once
+
+
+def test_outage_hold_ends_after_its_window_and_withdraws_what_never_came_back():
+    a, b = want("http://a:1", group="a"), want("http://b:2", group="b")
+    hold = OutageHold(30.0)
+    hold.consul_lost([a, b])
+    hold.consul_back(now=100.0)
+    assert hold.desired([a], now=129.9) == ([a, b], "")
+    desired, sentence = hold.desired([a], now=130.0)
+    assert desired == [a] and "http://b:2 still not passing 30 s after Consul answered again" in sentence
+
+
+def test_outage_hold_second_outage_keeps_the_first_list_and_zero_disables_it():
+    a, b = want("http://a:1", group="a"), want("http://b:2", group="b")
+    hold = OutageHold(30.0)
+    hold.consul_lost([a, b])
+    hold.consul_back(now=100.0)
+    hold.consul_lost([a])  # the incomplete list applied meanwhile is not what was routed before
+    hold.consul_back(now=200.0)
+    assert hold.desired([], now=229.0) == ([a, b], "")
+    off = OutageHold(0)
+    off.consul_lost([a, b])
+    off.consul_back(now=1.0)
+    assert off.desired([], now=1.0) == ([], "") and not off.active
