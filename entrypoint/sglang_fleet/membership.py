@@ -121,7 +121,6 @@ class Membership:
         self.reattach_window = reattach_window if engine_ok is not None else 0.0
         self.engine_ok = engine_ok
         self.consul_failed_at: float | None = None  # monotonic: the last cycle Consul did not answer
-        self.reattached_at: float | None = None  # monotonic: the last re-attach finished (older failures are spent)
         self.log = logs.get("sglang_fleet.node")
 
     # ---- what this node is in its group ----------------------------------------------------------------
@@ -288,7 +287,13 @@ class Membership:
         missing = [m for m in a.members if not _same_member(view, m)]
         if not missing and view.generation is not None and gen.reattach_since is None:
             gen.reregistrations = self.heartbeat.re_registrations  # the session held: nothing was lost
-            return None
+            # A peer that re-attached after this member had finished (its session died later): same member,
+            # new session. Only a re-attach writes the record of the barrier again.
+            back = [m.node for m in a.members if view.members[m.rank].session != m.session]
+            if not back:
+                return None
+            gen.assignment = dataclasses.replace(a, members=tuple(view.members[m.rank] for m in a.members))
+            return Step.acted(f"{', '.join(back)} re-attached to generation {g} with a new session")
         now = time.monotonic()
         if gen.reattach_since is None:
             if not self._consul_failed_recently(now):
@@ -326,7 +331,6 @@ class Membership:
         gen.assignment = dataclasses.replace(a, members=tuple(view.members[m.rank] for m in a.members))
         gen.gen_index, gen.reregistrations = view.gen_index, self.heartbeat.re_registrations
         gen.reattach_since = gen.reattach_session = None
-        self.reattached_at = now
         sentence = f"re-attached to generation {g}: all {len(a.members)} members back after {took:.1f} s"
         if gen.rank == 0 and self.serving is not None and self.serving.registered:
             sentence += "; " + self.serving.register(g)
@@ -362,8 +366,7 @@ class Membership:
 
     def _consul_failed_recently(self, now: float) -> bool:
         """This node saw Consul fail (its own reads, its heartbeat, its agent's state) within the window."""
-        failures = [t for t in (self.consul_failed_at, self.heartbeat.failed_at)
-                    if t is not None and (self.reattached_at is None or t > self.reattached_at)]
+        failures = [t for t in (self.consul_failed_at, self.heartbeat.failed_at) if t is not None]
         return (self.heartbeat.re_registrations != self.gen.reregistrations
                 or any(now - t <= self.reattach_window for t in failures))
 

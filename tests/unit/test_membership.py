@@ -203,7 +203,7 @@ def run_both(a, b):
     raise AssertionError((sa, sb))
 
 
-def test_both_members_reattach_to_the_same_generation_after_consul_lost_their_sessions():
+def test_both_members_reattach_to_the_same_generation_after_consul_lost_their_sessions(monkeypatch):
     store, engines = Flaky(), Engines()
     a, b = serving_pair(store, engines)
     before = a.assignment
@@ -218,9 +218,31 @@ def test_both_members_reattach_to_the_same_generation_after_consul_lost_their_se
     assert (a.generation, a.rank, b.rank) == (0, 0, 1)
     assert a.assignment.sessions() == {0: a.session, 1: b.session} != before.sessions()
     assert [m.node for m in a.assignment.members] == [m.node for m in before.members]
-    # Re-attached members are ordinary members again: a later departure ends the generation at once.
+    # Re-attached members are ordinary members again: once the outage is a window old, a departure ends
+    # the generation at once.
+    later = time.monotonic() + 16
+    monkeypatch.setattr(time, "monotonic", lambda: later)
     store.session_destroy(b.session)
-    assert step(a).action is Action.ENDED
+    assert step(a) == Step(Action.ENDED, "peer bb (rank 1) left; ending generation 0", reread=True)
+
+
+def test_a_peer_whose_session_dies_after_this_member_reattached_is_adopted_not_a_departure():
+    """Consul invalidates the sessions one after the other: a finished first while b's old session still
+    held b's key; b's key then goes and comes back under a new session."""
+    store, engines = Flaky(), Engines()
+    a, b = serving_pair(store, engines)
+    old_b = b.session
+    store.error = ca.ConsulUnavailable("kv_get_tree: connection refused")
+    assert (step(a).action, step(b).action) == (Action.UNAVAILABLE, Action.UNAVAILABLE)
+    store.error = None
+    store.session_destroy(a.session)  # a's session first
+    s, said = until(a, Action.RUN)
+    assert said[-2].startswith("re-attached to generation 0: all 2 members back after")
+    store.session_destroy(old_b)  # then b's
+    s, said = until(b, Action.RUN)
+    assert "re-attaching: took rank 1 of generation 0 back" in said
+    assert step(a) == Step.acted("bb re-attached to generation 0 with a new session")
+    assert step(a) == Step(Action.RUN) and a.assignment.sessions()[1] == b.session != old_b
 
 
 def test_rank_0_recreates_the_generation_when_consul_lost_everything():
