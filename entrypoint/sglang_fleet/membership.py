@@ -4,7 +4,8 @@
 `Generation` object, replaced whole when the node leaves a generation) and the serving registration
 (registration.ServingRegistration). `step(view) -> Step` looks at one read of the group's keys and takes
 at most one action, in the protocol's order: create K/gen, join (session), claim a rank, publish the
-leader (rank 0), pass the barrier (fingerprints agree), then watch for departures and drain requests. It
+leader (rank 0), pass the barrier (fingerprints agree), then watch for departures and drain requests;
+after a Consul outage that cost sessions or keys, re-attach to the same generation (`_reattach`). It
 never blocks and never sleeps: what to do next is in the Step it returns (torch elastic's
 `_RendezvousOpExecutor` and its `_Action` are the model):
 
@@ -218,8 +219,7 @@ class Membership:
 
         gone = self.departures(view)
         if gone:
-            names = ", ".join(f"{m.node} (rank {m.rank})" for m in gone)
-            return self.end(view, f"peer {names} left; ending generation {g}")
+            return self.end(view, f"peer {_names(gone)} left; ending generation {g}")
 
         if gen.rank == 0 and view.draining is not None and not gen.drain_confirmed:
             return Step(Action.DRAIN)
@@ -307,7 +307,7 @@ class Membership:
             return self._end_reattach(view, f"the engine failed while re-attaching to generation {g}; ending it")
         left = self.reattach_window - (now - gen.reattach_since)
         if left <= 0:
-            names = ", ".join(f"{m.node} (rank {m.rank})" for m in missing) or "the group's keys"
+            names = _names(missing) or "the group's keys"
             return self._end_reattach(view, f"{names} did not re-attach to generation {g} within "
                                             f"FLEET_REATTACH_WINDOW={self.reattach_window:g} s; ending it")
         wait = min(BARRIER_WAIT, left)
@@ -322,8 +322,8 @@ class Membership:
         if gen.rank == 0 and view.leader is None:
             return Step.acted(self.rdv.publish_leader(view, gen.session))
         if missing:
-            names = ", ".join(f"{m.node} (rank {m.rank})" for m in missing)
-            return Step.waiting(f"re-attaching to generation {g}: waiting for {names} ({left:.0f} s left)", wait)
+            return Step.waiting(f"re-attaching to generation {g}: waiting for {_names(missing)} ({left:.0f} s left)",
+                                wait)
         if view.leader is None:
             return Step.waiting(f"re-attaching to generation {g}: waiting for rank 0 ({a.node_of(0)}) to "
                                 f"publish the leader again", wait)
@@ -424,7 +424,11 @@ def _replaced(view: rdv.GroupView, m: rdv.Member) -> bool:
 def _lost(view: rdv.GroupView, missing: list[rdv.Member]) -> str:
     if view.generation is None:
         return "the group's keys"
-    return "the rank keys of " + ", ".join(f"{m.node} (rank {m.rank})" for m in missing)
+    return "the rank keys of " + _names(missing)
+
+
+def _names(members: list[rdv.Member]) -> str:
+    return ", ".join(f"{m.node} (rank {m.rank})" for m in members)
 
 
 __all__ = ["Action", "BARRIER_WAIT", "Ending", "Generation", "Membership", "RE_READ_EVERY", "Step"]
