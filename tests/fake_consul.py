@@ -76,6 +76,10 @@ class FakeStore:
             cur = self.kv.get(kv["Key"])
             if kv["Verb"] in ("check-index", "cas") and (cur.modify_index if cur else 0) != kv["Index"]:
                 raise ca.ConsulConflict(f"index {kv['Key']}")
+            if kv["Verb"] == "check-not-exists" and cur:
+                raise ca.ConsulConflict(f"exists {kv['Key']}")
+            if kv["Verb"] == "lock" and kv["Session"] not in self.sessions:
+                raise ca.ConsulConflict(f'txn: invalid session "{kv["Session"]}"')  # Consul: 409, rolled back
             if kv["Verb"] == "check-session" and (not cur or cur.session != kv["Session"]):
                 raise ca.ConsulConflict(f"session {kv['Key']}")
             if kv["Verb"] == "lock" and cur and cur.session and cur.session != kv["Session"]:

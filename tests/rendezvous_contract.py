@@ -179,4 +179,40 @@ def test_a_blocking_read_without_change_returns_the_same_index_and_keys(group):
                                                                         dict(view.members))
 
 
+def test_reattach_takes_back_only_an_absent_key_in_the_same_generation(group):
+    a, b = group.member("a", FLEET_RANK0=1), group.member("bb")
+    sa, _ = group.ranked(a)
+    sb, _ = group.ranked(b)
+    me = a.read().members[1]
+    group.store.session_destroy(sb)  # the outage took bb's session and its key
+    new = b.create_session(group.check_id)
+    view = b.read()
+    b.reclaim_rank(view, me, new)
+    back = b.read().members[1]
+    assert (back.session, back.node, back.pid, back.started) == (new, "bb", me.pid, me.started)
+    with pytest.raises(ca.ConsulConflict):  # held (here by itself): check-not-exists fails
+        b.reclaim_rank(b.read(), me, new)
+    group.store.session_destroy(new)
+    c = group.member("c", FLEET_NODE_RANK=1)  # a replacement is first
+    assert group.ranked(c)[1] == 1
+    late = b.create_session(group.check_id)
+    with pytest.raises(ca.ConsulConflict):
+        b.reclaim_rank(b.read(), me, late)
+    assert b.read().members[1].node == "c"
+    group.store.session_destroy(late)
+    with pytest.raises(ca.ConsulConflict):  # a dead session takes nothing (Consul: 409, rolled back)
+        a.reclaim_rank(a.read(), a.read().members[0], late)
+
+
+def test_rank_0_recreates_a_lost_generation_key_only_where_it_is_absent(group):
+    a = group.member("a")
+    assert a.recreate_generation(3) == "Consul lost the group's keys: re-created generation 3 to re-attach to it"
+    view = a.read()
+    assert view.generation == 3
+    _, entries = group.store.kv_get_tree(group.keys.recreated(3))
+    assert {k: entries[0].json()[k] for k in ("by", "generation")} == {"by": "a", "generation": 3}
+    with pytest.raises(ca.ConsulConflict):
+        group.member("bb").recreate_generation(3)
+
+
 __all__ = [name for name in dict(globals()) if name.startswith("test_")] + ["group"]

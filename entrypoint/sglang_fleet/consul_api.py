@@ -228,6 +228,10 @@ def txn_lock(key: str, value: bytes | str, session: str) -> dict:
     return {"KV": {"Verb": "lock", "Key": key, "Value": _b64(value), "Session": session}}
 
 
+def txn_check_not_exists(key: str) -> dict:
+    return {"KV": {"Verb": "check-not-exists", "Key": key}}
+
+
 def txn_set(key: str, value: bytes | str) -> dict:
     return {"KV": {"Verb": "set", "Key": key, "Value": _b64(value)}}
 

@@ -10,6 +10,7 @@ KV keys, K = sglang-fleet/<cluster>/groups/<group> (`Keys`):
   K/g<G>/ended        {"reason", "by", "at", "cause"}, written in the txn that moves gen to G+1
   K/g<G>/draining     {"by", "rank", "at"}: a member > 0 is stopping gracefully and asks rank 0 to drain
   K/g<G>/drained      {"by", "at", "how"}: rank 0 has withdrawn its registration and drained (the asker goes on)
+  K/g<G>/recreated    {"by", "generation", "fingerprint", "at"}: rank 0 wrote K/gen back after Consul lost it
   K/fatal/<node>      {"node", "reason", "at"}: why a node gave up (for `status`)
 Services: MEMBER_SERVICE (every node's heartbeat), SERVING_SERVICE (rank 0 of a serving group),
 ROUTER_SERVICE (each router agent), all tagged `cluster:<cluster>` (`cluster_tag`).
@@ -107,6 +108,9 @@ class Keys:
 
     def ended(self, g: int) -> str:
         return f"{self.prefix}g{g}/ended"
+
+    def recreated(self, g: int) -> str:
+        return f"{self.prefix}g{g}/recreated"
 
     def draining(self, g: int) -> str:
         return f"{self.prefix}g{g}/draining"

@@ -4,7 +4,8 @@
 `Generation` object, replaced whole when the node leaves a generation) and the serving registration
 (registration.ServingRegistration). `step(view) -> Step` looks at one read of the group's keys and takes
 at most one action, in the protocol's order: create K/gen, join (session), claim a rank, publish the
-leader (rank 0), pass the barrier (fingerprints agree), then watch for departures and drain requests. It
+leader (rank 0), pass the barrier (fingerprints agree), then watch for departures and drain requests;
+after a Consul outage that cost sessions or keys, re-attach to the same generation (`_reattach`). It
 never blocks and never sleeps: what to do next is in the Step it returns (torch elastic's
 `_RendezvousOpExecutor` and its `_Action` are the model):
 
@@ -22,6 +23,7 @@ returned sentence (Patroni's "DCS is not accessible"), not an exception for the 
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from dataclasses import dataclass
@@ -92,6 +94,8 @@ class Generation:
     assignment: rdv.Assignment | None = None
     ending: Ending | None = None
     drain_confirmed: bool = False  # rank 0 wrote K/g<G>/drained for a member
+    reattach_since: float | None = None  # monotonic: a re-attach after a Consul outage began (docs/protocol.md)
+    reattach_session: str | None = None  # the session created for that re-attach
     # What the node runs in it (node.py, leaving.py):
     engine: Any = None  # engine.Engine
     ready_at: float | None = None  # monotonic time the engine was first ready
@@ -103,7 +107,8 @@ class Generation:
 
 class Membership:
     def __init__(self, rendezvous: rdv.Rendezvous, heartbeat: Heartbeat,
-                 serving: ServingRegistration | None = None, agree_on: tuple[str, ...] = ()):
+                 serving: ServingRegistration | None = None, agree_on: tuple[str, ...] = (),
+                 reattach_window: float = 0.0, engine_ok: Callable[[], bool] | None = None):
         self.rdv = rendezvous
         self.heartbeat = heartbeat
         self.serving = serving  # None: this member never serves (nccl-check)
@@ -113,6 +118,10 @@ class Membership:
         self.view_at = 0.0
         self.fresh = True  # read Consul before the next step (woken, or we just acted)
         self.consul_errors = 0
+        # Re-attach after a Consul outage (off: 0 s, or nobody to ask whether the engine is still healthy).
+        self.reattach_window = reattach_window if engine_ok is not None else 0.0
+        self.engine_ok = engine_ok
+        self.consul_failed_at: float | None = None  # monotonic: the last cycle Consul did not answer
         self.log = logs.get("sglang_fleet.node")
 
     # ---- what this node is in its group ----------------------------------------------------------------
@@ -162,6 +171,7 @@ class Membership:
             return Step.acted(f"lost a race in Consul ({exc}); re-reading")
         self.consul_errors += 1
         if isinstance(exc, ca.ConsulUnavailable):
+            self.consul_failed_at = time.monotonic()
             engine = self.gen.engine
             running = " the engine keeps running;" if engine is not None and engine.pid else ""
             return Step(Action.UNAVAILABLE, f"Consul unavailable ({exc});{running} retrying",
@@ -178,6 +188,10 @@ class Membership:
     # ---- one step: at most one action ------------------------------------------------------------------
     def step(self, view: rdv.GroupView) -> Step:
         gen, g = self.gen, self.gen.number
+        if gen.assignment is not None and self.reattach_window > 0:
+            reattach = self._reattach(view)
+            if reattach is not None:
+                return reattach
         if g is not None:
             lost = self._state_lost(view)
             if lost:
@@ -212,8 +226,7 @@ class Membership:
 
         gone = self.departures(view)
         if gone:
-            names = ", ".join(f"{m.node} (rank {m.rank})" for m in gone)
-            return self.end(view, f"peer {names} left; ending generation {g}")
+            return self.end(view, f"peer {_names(gone)} left; ending generation {g}")
 
         if gen.rank == 0 and view.draining is not None and not gen.drain_confirmed:
             return Step(Action.DRAIN)
@@ -269,6 +282,101 @@ class Membership:
         return Step.acted(f"barrier passed: rank {gen.rank} of {self.rdv.cfg.nnodes} in generation "
                           f"{gen.number}, dist-init {gen.assignment.dist_init_addr}")
 
+    # ---- re-attach after a Consul outage (docs/protocol.md) ----------------------------------------------
+    def _reattach(self, view: rdv.GroupView) -> Step | None:
+        """One step of taking this generation back after Consul lost sessions or keys while the engines
+        kept serving; None: nothing to re-attach, or the generation must end the usual way."""
+        gen, g, a = self.gen, self.gen.number, self.gen.assignment
+        if view.generation is not None and view.generation != g:
+            return None  # it moved on: ended by a peer
+        if any(_replaced(view, m) for m in a.members):
+            return None  # somebody else holds a rank of the barrier: a real replacement ends it
+        missing = [m for m in a.members if not _same_member(view, m)]
+        if not missing and view.generation is not None and gen.reattach_since is None:
+            gen.reregistrations = self.heartbeat.re_registrations  # the session held: nothing was lost
+            # A peer that re-attached after this member had finished (its session died later): same member,
+            # new session. Only a re-attach writes the record of the barrier again.
+            back = [m.node for m in a.members if view.members[m.rank].session != m.session]
+            if not back:
+                return None
+            gen.assignment = dataclasses.replace(a, members=tuple(view.members[m.rank] for m in a.members))
+            return Step.acted(f"{', '.join(back)} re-attached to generation {g} with a new session")
+        now = time.monotonic()
+        if gen.reattach_since is None:
+            if not self._consul_failed_recently(now):
+                return None  # no outage: a key gone is a member gone, as before
+            if not self.engine_ok():
+                return None
+            gen.reattach_since = now
+            return Step.acted(f"Consul lost {_lost(view, missing)} of generation {g}; the engine is healthy: "
+                              f"re-attaching (FLEET_REATTACH_WINDOW={self.reattach_window:g} s)")
+        if not self.engine_ok():
+            return self._end_reattach(view, f"the engine failed while re-attaching to generation {g}; ending it")
+        left = self.reattach_window - (now - gen.reattach_since)
+        if left <= 0:
+            names = _names(missing) or "the group's keys"
+            return self._end_reattach(view, f"{names} did not re-attach to generation {g} within "
+                                            f"FLEET_REATTACH_WINDOW={self.reattach_window:g} s; ending it")
+        wait = min(BARRIER_WAIT, left)
+        if view.generation is None:
+            if gen.rank == 0:
+                return Step.acted(self.rdv.recreate_generation(g))
+            return Step.waiting(f"re-attaching: waiting for rank 0 ({a.node_of(0)}) to re-create generation {g}",
+                                wait)
+        me = next(m for m in a.members if m.rank == gen.rank)
+        if me in missing:
+            return self._reclaim(view, me, wait)
+        if gen.rank == 0 and view.leader is None:
+            return Step.acted(self.rdv.publish_leader(view, gen.session))
+        if missing:
+            return Step.waiting(f"re-attaching to generation {g}: waiting for {_names(missing)} ({left:.0f} s left)",
+                                wait)
+        if view.leader is None:
+            return Step.waiting(f"re-attaching to generation {g}: waiting for rank 0 ({a.node_of(0)}) to "
+                                f"publish the leader again", wait)
+        took = now - gen.reattach_since
+        gen.assignment = dataclasses.replace(a, members=tuple(view.members[m.rank] for m in a.members))
+        gen.gen_index, gen.reregistrations = view.gen_index, self.heartbeat.re_registrations
+        gen.reattach_since = gen.reattach_session = None
+        sentence = f"re-attached to generation {g}: all {len(a.members)} members back after {took:.1f} s"
+        if gen.rank == 0 and self.serving is not None and self.serving.registered:
+            sentence += "; " + self.serving.register(g)
+        return Step.acted(sentence)
+
+    def _reclaim(self, view: rdv.GroupView, me: rdv.Member, wait: float) -> Step:
+        """Own part of a re-attach: a new session (once the heartbeat passes again), then the old rank key."""
+        gen, g = self.gen, self.gen.number
+        if gen.reattach_session is None or gen.session != gen.reattach_session:
+            if not self.heartbeat.keeping_up():
+                return Step.waiting(f"re-attaching: waiting for the heartbeat to reach Consul before taking "
+                                    f"rank {gen.rank} of generation {g} back", min(0.5, wait))
+            old, gen.session = gen.session, self.rdv.create_session(self.heartbeat.check_id)
+            gen.reattach_session = gen.session
+            if old:
+                try:
+                    self.rdv.store.session_destroy(old)
+                except ca.ConsulError:
+                    pass  # gone with the outage already, which is why we are here
+            return Step.acted(f"re-attaching: new session {gen.session[:8]} for rank {gen.rank} of generation {g}")
+        try:
+            self.rdv.reclaim_rank(view, me, gen.session)
+        except ca.ConsulConflict:
+            # Taken meanwhile (the next view shows by whom and ends the generation), gen moved, or this
+            # session died too (then make another).
+            gen.reattach_session = None
+            return Step.acted(None)
+        return Step.acted(f"re-attaching: took rank {gen.rank} of generation {g} back")
+
+    def _end_reattach(self, view: rdv.GroupView, reason: str) -> Step:
+        self.gen.reattach_since = None
+        return self.end(view, reason, txn=view.generation == self.gen.number)
+
+    def _consul_failed_recently(self, now: float) -> bool:
+        """This node saw Consul fail (its own reads, its heartbeat, its agent's state) within the window."""
+        failures = [t for t in (self.consul_failed_at, self.heartbeat.failed_at) if t is not None]
+        return (self.heartbeat.re_registrations != self.gen.reregistrations
+                or any(now - t <= self.reattach_window for t in failures))
+
     def departures(self, view: rdv.GroupView) -> list[rdv.Member]:
         """Members of this node's barrier who are gone from `view` (none before the barrier)."""
         return rdv.departures(view, self.gen.assignment) if self.gen.assignment is not None else []
@@ -307,6 +415,27 @@ class Membership:
             self.serving.reopen()
         structlog.contextvars.unbind_contextvars("generation", "rank")
         return old
+
+
+def _same_member(view: rdv.GroupView, m: rdv.Member) -> bool:
+    """`m`'s rank key is held by `m` itself (same node and supervisor process), whichever its session."""
+    now = view.members.get(m.rank)
+    return now is not None and (now.node, now.pid, now.started) == (m.node, m.pid, m.started)
+
+
+def _replaced(view: rdv.GroupView, m: rdv.Member) -> bool:
+    """`m`'s rank key is held by somebody else: a replacement took it."""
+    return m.rank in view.members and not _same_member(view, m)
+
+
+def _lost(view: rdv.GroupView, missing: list[rdv.Member]) -> str:
+    if view.generation is None:
+        return "the group's keys"
+    return "the rank keys of " + _names(missing)
+
+
+def _names(members: list[rdv.Member]) -> str:
+    return ", ".join(f"{m.node} (rank {m.rank})" for m in members)
 
 
 __all__ = ["Action", "BARRIER_WAIT", "Ending", "Generation", "Membership", "RE_READ_EVERY", "Step"]

@@ -64,7 +64,8 @@ class Node:
         self.wake = threading.Event()
         self.heartbeat = reg.Heartbeat(cfg, self.addr, self.helpers_stop)
         self.serving = reg.ServingRegistration(self.api, cfg, self.addr, self.heartbeat)
-        self.membership = Membership(self.rdv, self.heartbeat, self.serving)
+        self.membership = Membership(self.rdv, self.heartbeat, self.serving,
+                                     reattach_window=cfg.reattach_window, engine_ok=self._engine_ok)
         self.leaving = Leaving(cfg, self.membership)
         self.budget = Budget()
         self.watcher = Watcher(cfg, self.rdv.keys.prefix, self.wake, self.helpers_stop)
@@ -236,6 +237,11 @@ class Node:
         a = self.gen.assignment
         return (f"rank {a.rank} of {a.nnodes}: engine started (pid {engine.pid}, attempt {engine.starts}) "
                 f"in generation {a.generation}")
+
+    def _engine_ok(self) -> bool:
+        """The engine of this generation is running and healthy (a re-attach keeps only such a group)."""
+        engine = self.gen.engine
+        return engine is not None and engine.poll() is EngineState.RUNNING
 
     # ---- shutdown --------------------------------------------------------------------------------------
     def shutdown(self, why: str) -> None:

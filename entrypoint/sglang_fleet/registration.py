@@ -140,6 +140,7 @@ class Heartbeat(threading.Thread):
         self.re_registrations = 0  # times the agent had lost the check (a restarted agent)
         self.last_error: str | None = None
         self.last_pass: float | None = None  # monotonic time of the last beat Consul answered
+        self.failed_at: float | None = None  # monotonic time of the last beat Consul did not answer
         self._serving_check: str | None = None
         self._lock = threading.Lock()
         self._log = logs.get("sglang_fleet.heartbeat")
@@ -200,3 +201,4 @@ class Heartbeat(threading.Thread):
             if self.last_error is None:
                 self._log.warning(f"heartbeat cannot reach Consul: {exc}; retrying every {self.interval:g} s")
             self.last_error = str(exc)
+            self.failed_at = time.monotonic()

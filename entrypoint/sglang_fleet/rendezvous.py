@@ -255,6 +255,27 @@ class Rendezvous:
                           f"waiting for the next generation")
         return None, f"all {n} ranks of generation {g} are taken; waiting for the next generation"
 
+    def reclaim_rank(self, view: GroupView, member: Member, session: str) -> None:
+        """Re-attach: takes back `member`'s own rank key in the same generation with a new session, with the
+        record it had (so peers see the same member, not a replacement). Only while gen is still the
+        view's and the key is absent: a key somebody else took raises ConsulConflict."""
+        g = view.generation
+        assert g is not None
+        key = self.keys.rank(g, member.rank)
+        value = ca.dumps({"node": member.node, "addr": member.addr, "fingerprint": dict(member.fingerprint),
+                          "pid": member.pid, "started": member.started})
+        self.store.txn([ca.txn_check_index(self.keys.gen, view.gen_index), ca.txn_check_not_exists(key),
+                        ca.txn_lock(key, value, session)])
+
+    def recreate_generation(self, generation: int) -> str:
+        """Re-attach after Consul lost everything: rank 0 writes K/gen = G back (cas=0: only where nobody
+        created it meanwhile) with K/g<G>/recreated naming who did it and with which fingerprint."""
+        record = {"by": self.node, "generation": generation, "fingerprint": self.fingerprint,
+                  "at": round(time.time(), 3)}
+        self.store.txn([ca.txn_cas(self.keys.gen, str(generation), 0),
+                        ca.txn_set(self.keys.recreated(generation), ca.dumps(record))])
+        return f"Consul lost the group's keys: re-created generation {generation} to re-attach to it"
+
     def leader_record(self) -> dict[str, Any]:
         return {"dist_init_addr": f"{self.addr}:{self.cfg.dist_port}",
                 "url": f"http://{self.addr}:{self.cfg.http_port}",

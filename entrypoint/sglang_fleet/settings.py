@@ -240,6 +240,11 @@ class FleetConfig:
                                 "FATAL and exits non-zero.", "5")
     backoff_base: float = setting("node", 1.0, "First backoff in seconds; doubles per consecutive failure.", "1")
     backoff_max: float = setting("node", 60.0, "Largest backoff in seconds.", "60")
+    reattach_window: float = setting(
+        "node", 15.0, "Seconds a group whose engines stayed healthy gives its members to re-attach to the same "
+        "generation after a Consul outage cost them their sessions or rank keys (docs/protocol.md \"Re-attach "
+        "after a Consul outage\"); a member not back in time ends the generation. 0: off, every lost key ends "
+        "the generation.", "15")
     stable_after: float = setting("node", 300.0, "Seconds a generation must serve before the failure count "
                                   "resets.", "300")
     # engine

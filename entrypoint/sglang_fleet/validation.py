@@ -51,8 +51,8 @@ def validate_config(cfg: FleetConfig, cluster_only: bool = False) -> list[str]:
         p.append(f"FLEET_HEALTH_PORT={cfg.health_port}: must be a port number between 1 and 65535, or 0 (off)")
     if cfg.router_shutdown_grace < 0:
         p.append(f"FLEET_ROUTER_SHUTDOWN_GRACE={cfg.router_shutdown_grace}: must be zero or more seconds")
-    for key in ("stop_grace", "drain_timeout", "backoff_base", "backoff_max", "stable_after", "sim_startup_delay",
-                "router_quiet_window", "router_resync_interval", "router_outage_hold"):
+    for key in ("stop_grace", "drain_timeout", "reattach_window", "backoff_base", "backoff_max", "stable_after",
+                "sim_startup_delay", "router_quiet_window", "router_resync_interval", "router_outage_hold"):
         if getattr(cfg, key) < 0:
             p.append(f"FLEET_{key.upper()}={getattr(cfg, key)}: must be zero or more seconds")
     if cfg.ready_timeout <= 0:

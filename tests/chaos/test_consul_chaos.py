@@ -3,12 +3,12 @@ client agent, a persistent single server, a -dev agent. Requests flow through th
 each scenario counts engine restarts, generations and failed requests (tests/fleet_chaos.py).
 
 Where no engine dies, the target is no engine restart, the same generation, no failed request and a
-router worker list that never lacks a group. The scenarios in which Consul loses the members' sessions
-(the single server the nodes talk to, their client agent down long enough to be marked failed, a -dev
-agent) need members that re-attach in the same generation (issue 11 item 1): they are strict xfails that
-raise only ReattachMissing today. 2 of 3 servers down for 30 s is a race today (the group kept its
-engines in some runs and re-formed in others): a non-strict xfail, ReattachMissing only. With a real death (a member killed while a -dev agent is down), the group
-that lost a member leaves its generation once Consul is back (today's protocol), and only that group.
+router worker list that never lacks a group: the members re-attach to the same generation when Consul
+returns (issue 11 item 1, docs/protocol.md "Re-attach after a Consul outage"). With a real death (a
+member killed while a -dev agent is down), the group that lost a member leaves its generation once
+Consul is back (today's protocol), and only that group. A replacement started during that outage: the
+other group is untouched, but requests still fail while the router holds the dead group's old URL
+after the group came back at its replacement's address (REPLACEMENT_XFAIL, router side).
 
 The outage the Done-when names (single server killed 20 s, the nodes on it) is in
 tests/integration/test_consul_outage.py; here the same server is killed 60 s, and 20 s with the nodes
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet_chaos import (REATTACH_XFAIL, REATTACH_XFAIL_RACE, OutageResult, check_untouched, client_agent_restarted,
+from fleet_chaos import (OutageResult, check_untouched, client_agent_restarted,
                          dev_agent_restarted_empty, leader_killed, member_dies_during_outage, quorum_lost,
                          single_server_killed)
 
@@ -29,7 +29,6 @@ def test_single_server_killed_20s_nodes_on_a_client_agent(chaos_env):
     check_untouched(single_server_killed(chaos_env, 20, nodes_on_client=True))
 
 
-@REATTACH_XFAIL
 def test_single_server_killed_60s(chaos_env):
     check_untouched(single_server_killed(chaos_env, 60))
 
@@ -38,17 +37,14 @@ def test_leader_killed_election(chaos_env):
     check_untouched(leader_killed(chaos_env))
 
 
-@REATTACH_XFAIL_RACE
 def test_two_of_three_servers_killed_30s(chaos_env):
     check_untouched(quorum_lost(chaos_env, 30))
 
 
-@REATTACH_XFAIL
 def test_client_agent_of_the_nodes_restarted(chaos_env):
     check_untouched(client_agent_restarted(chaos_env))
 
 
-@REATTACH_XFAIL
 def test_dev_agent_restarted_empty(chaos_env):
     check_untouched(dev_agent_restarted_empty(chaos_env))
 
@@ -59,14 +55,19 @@ def check_death(result: OutageResult, dead_group: str = "a") -> None:
     assert result.generations_joined[dead_group], f"group {dead_group} did not leave its generation: {result}"
 
 
-@REATTACH_XFAIL
 def test_member_killed_during_the_outage_ends_only_its_group(chaos_env):
     result = member_dies_during_outage(chaos_env)
     check_death(result)
     check_untouched(result, ["b"])
 
 
-@REATTACH_XFAIL
+# Measured with re-attach: group b untouched, but 13 requests failed (404/400) while the router's outage
+# hold kept group a's old URL, whose engine had stopped, after group a served again at another address.
+REPLACEMENT_XFAIL = pytest.mark.xfail(strict=False, raises=AssertionError,
+                                      reason="the router's outage hold keeps a URL its group has left")
+
+
+@REPLACEMENT_XFAIL
 def test_replacement_started_during_the_outage(chaos_env):
     result = member_dies_during_outage(chaos_env, replacement=True)
     check_death(result)
