@@ -128,7 +128,7 @@ class OutageHold:
     """Consul's first answers after an outage may be incomplete: rank 0 is re-registering its group, the
     checks of a restarted agent have not run yet, a -dev agent came back empty. Groups that were routed
     when Consul stopped answering stay in smg until Consul lists them as passing again (at any
-    generation), for at most `seconds` after its first answer; then Consul's view rules again
+    generation, at their old URL or a new one), for at most `seconds` after its first answer; then Consul's view rules again
     (docs/protocol.md "Router"). Times are monotonic seconds passed in by the caller."""
 
     seconds: float
@@ -156,8 +156,10 @@ class OutageHold:
         """`desired` plus the kept groups Consul does not list yet, and a sentence when the hold ends."""
         if not self.kept:
             return desired, ""
-        listed = {d.url for d in desired}
-        missing = sorted(self.kept.keys() - listed)
+        # A group counts as back at its old URL or at a new one (re-formed with a replacement rank 0):
+        # its old URL is then not held any more, or requests would go to a node that left it.
+        listed = {d.url for d in desired} | {(d.cluster, d.group) for d in desired}
+        missing = sorted(u for u, w in self.kept.items() if u not in listed and (w.cluster, w.group) not in listed)
         if self.until is not None and (not missing or now >= self.until):
             self.kept, self.until = {}, None
             if not missing:

@@ -191,3 +191,16 @@ def test_outage_hold_second_outage_keeps_the_first_list_and_zero_disables_it():
     off.consul_lost([a, b])
     off.consul_back(now=1.0)
     assert off.desired([], now=1.0) == ([], "") and not off.active
+
+
+def test_outage_hold_lets_go_of_the_old_url_of_a_group_back_at_a_new_one():
+    """A replacement became rank 0 during the outage: the group passes again at its address; the old one,
+    a node that left the group, is not routed any more."""
+    a, b = want("http://a:1", group="a"), want("http://b:2", group="b")
+    hold = OutageHold(30.0)
+    hold.consul_lost([a, b])
+    hold.consul_back(now=100.0)
+    a_moved = want("http://a-new:1", group="a", gen="2")
+    assert hold.desired([a_moved], now=101.0) == ([a_moved, b], "")
+    assert hold.desired([a_moved, b], now=102.0) == ([a_moved, b], "every group routed before the Consul outage "
+                                                                   "passes again; hold ended")
