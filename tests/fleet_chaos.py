@@ -12,8 +12,7 @@ routed again, for good.
 
 `check_untouched(result)` is the target of every scenario in which no engine died: no engine restart and
 no new generation (else `ReattachMissing`), no failed request, no group ever missing from the router's
-worker list. `REATTACH_XFAIL` marks the scenarios that need issue 11 item 1 (members re-attaching in
-the same generation after Consul returns): today they raise ReattachMissing, and only that.
+worker list (members re-attach to the same generation when Consul returns, docs/protocol.md).
 """
 from __future__ import annotations
 
@@ -25,8 +24,6 @@ import urllib.error
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
-
-import pytest
 
 from consul_cluster import ConsulCluster
 from fleet_processes import SIM_ENV, ConsulAgent, Router, Supervisor, Supervisors, http
@@ -41,14 +38,7 @@ RECOVER_TIMEOUT = 90.0
 
 class ReattachMissing(AssertionError):
     """A group restarted its engines or moved to a new generation across a Consul outage in which none of
-    its engines died (issue 11 item 1, re-attach, is not built yet)."""
-
-
-REATTACH_XFAIL = pytest.mark.xfail(strict=True, raises=ReattachMissing,
-                                   reason="issue 11 item 1: re-attach not built yet")
-# Where today's outcome is a race (measured both ways on the same scenario): a pass is no surprise.
-REATTACH_XFAIL_RACE = pytest.mark.xfail(strict=False, raises=ReattachMissing,
-                                        reason="issue 11 item 1: re-attach not built yet; today a race")
+    its engines died: re-attach (docs/protocol.md "Re-attach after a Consul outage") did not hold."""
 
 
 # ---- what flows and what is listed during a scenario ------------------------------------------------------
@@ -391,6 +381,6 @@ def member_dies_during_outage(env: ScenarioEnv, seconds: float = 20.0, replaceme
                    fault, ["a", "b"] if replacement else ["b"])
 
 
-__all__ = ["REATTACH_XFAIL", "REATTACH_XFAIL_RACE", "Fleet", "OutageResult", "ReattachMissing", "ScenarioEnv", "Traffic", "WorkerWatch",
+__all__ = ["Fleet", "OutageResult", "ReattachMissing", "ScenarioEnv", "Traffic", "WorkerWatch",
            "check_untouched", "client_agent_restarted", "dev_agent_restarted_empty", "down", "joined_generations",
            "leader_killed", "measure", "member_dies_during_outage", "quorum_lost", "single_server_killed"]

@@ -7,8 +7,8 @@ router worker list that never lacks a group: the members re-attach to the same g
 returns (issue 11 item 1, docs/protocol.md "Re-attach after a Consul outage"). With a real death (a
 member killed while a -dev agent is down), the group that lost a member leaves its generation once
 Consul is back (today's protocol), and only that group. A replacement started during that outage: the
-other group is untouched, but requests may fail while the router holds the dead group's old URL
-until the group passes again at its replacement's address (REPLACEMENT_XFAIL, router side).
+other group is untouched, and the router lets go of the dead group's old URL once the group passes again
+at its replacement's address (router_state.OutageHold).
 
 The outage the Done-when names (single server killed 20 s, the nodes on it) is in
 tests/integration/test_consul_outage.py; here the same server is killed 60 s, and 20 s with the nodes
@@ -61,14 +61,6 @@ def test_member_killed_during_the_outage_ends_only_its_group(chaos_env):
     check_untouched(result, ["b"])
 
 
-# Measured with re-attach: group b untouched, but 13 requests failed (404/400) while the router's outage
-# hold kept group a's old URL, whose engine had stopped. The hold now lets go of it once group a passes
-# at its new address; until then (the group re-forming) the old URL is still held and may fail requests.
-REPLACEMENT_XFAIL = pytest.mark.xfail(strict=False, raises=AssertionError,
-                                      reason="the router's outage hold keeps a URL while its group re-forms")
-
-
-@REPLACEMENT_XFAIL
 def test_replacement_started_during_the_outage(chaos_env):
     result = member_dies_during_outage(chaos_env, replacement=True)
     check_death(result)
