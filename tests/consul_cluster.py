@@ -17,16 +17,14 @@ changing what happens.
 from __future__ import annotations
 
 import itertools
-import os
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleet_processes import ConsulAgent
-from fleet_testing import free_port, wait_until
+from fleet_testing import free_port, kill_group, wait_until
 from sglang_fleet.config import ConsulSettings
 from sglang_fleet.consul_api import ConsulAPI, ConsulError
 
@@ -116,9 +114,7 @@ class ConsulMember:
         return self.proc is not None and self.proc.poll() is None
 
     def kill9(self) -> None:
-        if self.alive():
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        kill_group(self.proc)
         self.proc = None
 
     def restart(self, down_for: float = 0.0) -> None:

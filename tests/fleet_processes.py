@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 import pytest
 
-from fleet_testing import FLEET_BIN, descendants, free_port, kill_quietly, wait_until
+from fleet_testing import FLEET_BIN, descendants, free_port, kill_group, kill_quietly, wait_until
 from sglang_fleet.config import ConsulSettings
 from sglang_fleet.consul_api import ConsulAPI, ConsulError
 from sglang_fleet.process_group import remove_files, shm_files_of
@@ -145,9 +145,7 @@ class ConsulAgent:
         return True
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        kill_group(self.proc)
         self.proc = None
 
     def restart(self, down_for: float = 0.0) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -76,6 +77,13 @@ def kill_quietly(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def kill_group(proc) -> None:
+    """SIGKILL to the process group a `start_new_session` Popen leads, then reaps it (no-op when it is gone)."""
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
 
 def emit_json(result: dict, out: Path | None) -> None:

@@ -104,7 +104,8 @@ def _print_by_section(rows: list[dict], line) -> int:
 
 def _value_text(s: Setting, value: Any) -> str:
     """A value as the environment would spell it; secrets as ***."""
-    from sglang_fleet.plan import REDACTED, redact_argv
+    from sglang_fleet.plan import redact_argv
+    from sglang_fleet.secret_files import REDACTED
     if value in (None, "", ()):
         return ""
     if s.secret:

@@ -142,11 +142,7 @@ def restart_reason(seen: Seen) -> str:
     record = seen.ended_record()
     if record and record.get("cause") in PEER_CAUSES:
         return PEER_CAUSES[record["cause"]]
-    if e.reason.startswith("peer "):
-        return "peer_left"
-    if e.reason.startswith("Consul lost its state"):
-        return "state_lost"
-    return "other"
+    return e.cause
 
 
 class NodeHealth:

@@ -80,6 +80,7 @@ class Ending:
     generation: int | None
     reason: str
     own_failure: bool
+    cause: str = "other"  # why, as a label (the node's restart metric): peer_left, state_lost, other
 
 
 @dataclass
@@ -195,7 +196,8 @@ class Membership:
         if g is not None:
             lost = self._state_lost(view)
             if lost:
-                return self.end(None, f"Consul lost its state ({lost}); leaving generation {g}", txn=False)
+                return self.end(None, f"Consul lost its state ({lost}); leaving generation {g}", txn=False,
+                                cause="state_lost")
 
         if view.generation is None:
             self.rdv.ensure_generation()
@@ -226,7 +228,7 @@ class Membership:
 
         gone = self.departures(view)
         if gone:
-            return self.end(view, f"peer {_names(gone)} left; ending generation {g}")
+            return self.end(view, f"peer {_names(gone)} left; ending generation {g}", cause="peer_left")
 
         if gen.rank == 0 and view.draining is not None and not gen.drain_confirmed:
             return Step(Action.DRAIN)
@@ -382,18 +384,19 @@ class Membership:
         return rdv.departures(view, self.gen.assignment) if self.gen.assignment is not None else []
 
     # ---- leaving a generation --------------------------------------------------------------------------
-    def end(self, view: rdv.GroupView | None, reason: str, own_failure: bool = False, txn: bool = True) -> Step:
+    def end(self, view: rdv.GroupView | None, reason: str, own_failure: bool = False, txn: bool = True,
+            cause: str = "other") -> Step:
         """Ends (txn: in Consul, when `view` still shows this generation) or just leaves the current
         generation; the leaving steps follow, one per cycle (leaving.py)."""
         g = self.gen.number
         sentence = reason
         if txn and view is not None and view.generation == g:
-            cause = rdv.LOCAL_FAILURE if own_failure else rdv.PEER_LEFT
-            if not self.rdv.end_generation(view, reason, cause):
+            recorded = rdv.LOCAL_FAILURE if own_failure else rdv.PEER_LEFT
+            if not self.rdv.end_generation(view, reason, recorded):
                 # Somebody else ended it first: then it was their event, not our failure.
                 own_failure = False
                 sentence = f"{reason} (generation {g} was already ended by a peer)"
-        self.gen.ending = Ending(g, reason, own_failure)
+        self.gen.ending = Ending(g, reason, own_failure, cause)
         self.gen.drain = None  # the group is broken: what is in flight is lost already
         return Step(Action.ENDED, sentence, reread=True)
 

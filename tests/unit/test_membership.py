@@ -80,7 +80,8 @@ def test_a_departure_ends_the_generation_and_the_generation_object_is_replaced_w
         pass
     store.session_destroy(b.session)  # its heartbeat lapsed
     assert step(a) == Step(Action.ENDED, "peer bb (rank 1) left; ending generation 0", reread=True)
-    assert a.gen.ending == Ending(0, "peer bb (rank 1) left; ending generation 0", own_failure=False)
+    assert a.gen.ending == Ending(0, "peer bb (rank 1) left; ending generation 0", own_failure=False,
+                                  cause="peer_left")
     assert step(b) == Step(Action.ENDED, "generation 0 ended by a: peer bb (rank 1) left; ending generation 0",
                            reread=True)
     session = a.session
