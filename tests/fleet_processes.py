@@ -34,7 +34,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import pytest
 
@@ -397,6 +397,15 @@ class Supervisors:
         names = names or [f"{group}-n{i}" for i in range(nnodes)]
         return [self.start(n, FLEET_GROUP=group, FLEET_NNODES=nnodes, FLEET_TP_SIZE=nnodes, **env)
                 for n in names]
+
+    def wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+        """wait_until; a timeout also shows why: every supervisor's exit status and log tail."""
+        try:
+            return wait_until(predicate, timeout, what)
+        except AssertionError as exc:
+            tails = "\n".join(f"--- {s.name} (exit status {s.proc.poll()}) log tail ---\n{s.tail()}"
+                              for s in self.started)
+            raise AssertionError(f"{exc}\n{tails}") from None
 
     def cleanup(self) -> None:
         for sup in self.started:

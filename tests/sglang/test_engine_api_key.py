@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 
 from fleet_processes import http
-from fleet_testing import wait_until
 from sglang_fleet.config import load_config
 from sglang_fleet.launch import key_config
 
@@ -27,7 +26,7 @@ def test_a_keyed_real_engine_refuses_strangers_and_still_serves_through_the_rout
     def serving():
         _, entries = consul_api.health_service("sglang", tag=f"cluster:{cluster_name}", passing=True)
         return [e for e in entries if (e["Service"].get("Meta") or {}).get("group") == "keyed"]
-    wait_until(serving, READY, "the keyed group to register as serving")
+    supervisors.wait(serving, READY, "the keyed group to register as serving")
     router.wait_workers(lambda ws: any(w["url"] == sup.http_url and w.get("status") == "ready" for w in ws),
                         "the router to route to the keyed engine", timeout=60)
 

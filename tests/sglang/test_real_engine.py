@@ -73,7 +73,7 @@ class Cluster:
     members: list[Supervisor] = field(default_factory=list)
 
     def wait_serving(self, api, group: str, url: str, timeout: float = READY) -> None:
-        wait_until(lambda: serving(api, self.name, group), timeout, f"group {group} to register as serving")
+        self.sups.wait(lambda: serving(api, self.name, group), timeout, f"group {group} to register as serving")
         self.router.wait_workers(lambda ws: any(w["url"] == url and w.get("status") == "ready" for w in ws),
                                  f"the router to route to {url}", timeout=60)
 
@@ -130,7 +130,7 @@ def two(consul_agent, real_settings, tmp_path_factory) -> Iterator[Cluster]:
     try:
         c.members = [c.sups.start("tp-a", **member_env(0)), c.sups.start("tp-b", **member_env(1))]
         # tp-a prefers rank 0, but a generation that ends while the group forms re-claims the ranks afresh.
-        wait_until(lambda: serving(api, "two", "tp"), READY, "group tp to register as serving")
+        c.sups.wait(lambda: serving(api, "two", "tp"), READY, "group tp to register as serving")
         c.wait_serving(api, "tp", by_rank(api, c)[0].http_url)
         yield c
     finally:
@@ -262,7 +262,7 @@ def test_the_sim_answers_like_the_real_engine(one, two, consul_agent, consul_api
     try:
         sims.start("twin-a", **member_env(0))
         sims.start("twin-b", **member_env(1))
-        wait_until(lambda: serving(consul_api, "sim-twin", "tp"), 60, "the sim group to serve")
+        sims.wait(lambda: serving(consul_api, "sim-twin", "tp"), READY, "the sim group to serve")
         sim_ranks = by_rank(consul_api, Cluster("sim-twin", sims, two.router))
         assert engine_output(sim_ranks[0], "sim engine")  # it says what it is
         assert answers_to(sim_ranks[0].http_url, RANK0_REQUESTS, model) == answers_to(real0.http_url, RANK0_REQUESTS,
