@@ -62,6 +62,17 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+# smg's 503 error code when it has no worker of the type a request needs: the request reached smg after
+# the router agent had removed the group (with one group of that type, every request sent from then on).
+SMG_NO_WORKER = "no_available_workers"
+
+
+def smg_refused_for_want_of_a_worker(body: object) -> bool:
+    """`body` (a parsed error response) is smg's refusal for lack of a worker: the request was never sent on."""
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and error.get("code") == SMG_NO_WORKER
+
+
 def process_alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie."""
     try:

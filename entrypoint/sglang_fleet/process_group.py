@@ -82,10 +82,13 @@ def group_alive(pgid: int) -> bool:
 
 
 def group_gone(proc: subprocess.Popen, pgid: int) -> bool:
-    """One look: True once no live process is left in the group (our own child and orphans are reaped
-    first, since a zombie still counts as a member)."""
-    if proc.poll() is not None:
-        reap_orphans(pgid)
+    """One look: True once our own child is reaped and no live process is left in its group (orphans are
+    reaped first, since a zombie still counts as a member). The leader must be reaped, not only look dead:
+    /proc shows a multi-threaded leader as a zombie while its last threads still exit, and a child that is
+    let go unreaped stays a zombie with its exit code unknown."""
+    if proc.poll() is None:
+        return False
+    reap_orphans(pgid)
     return not group_alive(pgid)
 
 

@@ -143,6 +143,39 @@ def test_leader_first_gets_sigterm_alone_then_the_rest_of_its_group(children, tm
     assert not alive(grandchild)
 
 
+# On SIGTERM the leader thread exits first (SYS_exit ends only the calling thread) while a last thread
+# lingers, then ends the process with 7: /proc shows the leader as a zombie meanwhile.
+LEADER_THREAD_FIRST = textwrap.dedent('''
+    import ctypes, os, signal, sys, threading, time
+    def linger():
+        time.sleep(3.0)
+        os._exit(7)
+    def on_term(*_):
+        threading.Thread(target=linger).start()
+        ctypes.CDLL(None).syscall(60, 0)
+    signal.signal(signal.SIGTERM, on_term)
+    open(sys.argv[1], "w").close()
+    time.sleep(120)
+''')
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="SYS_exit is 60 on x86_64 only")
+def test_a_leader_that_only_looks_dead_is_waited_for_and_reaped(children, tmp_path):
+    """A multi-threaded leader whose main thread has exited reads as a zombie in /proc while its last
+    threads still run: the stop ends once it is reaped, with its exit code, and leaves no zombie."""
+    ready = tmp_path / "ready"
+    child = children()
+    child.start([PY, "-c", LEADER_THREAD_FIRST, str(ready)])
+    eventually(ready.exists)
+    leader = child.pid
+    child.stop(grace=30)
+    eventually(lambda: not alive(leader))  # /proc: "Z" while its last thread sleeps
+    assert child.poll() is State.STOPPING
+    poll_until(child, State.STOPPED)
+    assert child.returncode == 7 and "(exit code 7)" in child.reason
+    assert not os.path.exists(f"/proc/{leader}")  # reaped: not left a zombie under the supervisor
+
+
 def test_a_second_stop_shortens_the_grace(children, tmp_path):
     gc_file = tmp_path / "grandchild"
     child = children()
