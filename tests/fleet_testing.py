@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import sys
@@ -19,16 +20,36 @@ FLEET_BIN = Path(sys.executable).parent / "sglang-fleet"  # the console script o
 _handed_out: set[int] = set()
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports handed to processes that bind them later (seconds later; a real engine's HTTP port after its model
+# loaded) come from below the kernel's ephemeral range: a port in it may meanwhile become the local port
+# of an outgoing connection (a probe, a Consul request), and then binding it fails with EADDRINUSE (binding
+# 0.0.0.0:P fails while 127.0.0.1:P is a connection's local port).
+PORT_RANGE = range(10000, max(_ephemeral_low(), 10000 + 4096))
+_port_picker = random.Random()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` right now and not handed out before in this process (the sim binds
-    its HTTP port on 0.0.0.0, so ports must differ across loopback addresses too)."""
+    """A TCP port free on `host` right now, outside the ephemeral range and not handed out before in this
+    process (the sim binds its HTTP port on 0.0.0.0, so ports must differ across loopback addresses too)."""
     while True:
+        port = _port_picker.randrange(PORT_RANGE.start, PORT_RANGE.stop)
+        if port in _handed_out:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue  # in use
+        _handed_out.add(port)
+        return port
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+import fleet_testing
 
 pytestmark = pytest.mark.integration
 
@@ -24,10 +25,7 @@ MODEL = "sim/tiny-model"
 
 
 def free_port() -> int:
-    """A port free on every address (the sim may bind 0.0.0.0)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    return fleet_testing.free_port("0.0.0.0")  # free on every address: the sim may bind 0.0.0.0
 
 
 def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from fleet_testing import process_alive as alive, wait_until
+from fleet_testing import free_port, process_alive as alive, wait_until
 from sglang_fleet.config import FleetConfig
 from sglang_fleet.engine import Engine, EngineState
 
@@ -107,9 +106,7 @@ class Launch:
 
 @pytest.fixture
 def port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 @pytest.fixture

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from fleet_testing import free_port
 from sglang_fleet import consul_api as ca
 from sglang_fleet import rendezvous as rdv
 from sglang_fleet import status
@@ -134,9 +134,7 @@ def test_serving_group_without_router_is_healthy():
 
 
 def test_status_exits_2_when_consul_is_unreachable():
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nothing listens on
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "CONSUL_"))}
     proc = subprocess.run([sys.executable, "-m", "sglang_fleet", "status"], capture_output=True, text=True,
                           env={**env, "CONSUL_HTTP_ADDR": f"127.0.0.1:{port}"}, timeout=60)
