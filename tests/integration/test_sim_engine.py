@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import fleet_testing
+from fleet_testing import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -26,20 +26,6 @@ MODEL = "sim/tiny-model"
 
 def free_port() -> int:
     return fleet_testing.free_port("0.0.0.0")  # free on every address: the sim may bind 0.0.0.0
-
-
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # noqa: BLE001 - processes are still starting
-            last = exc
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}" + (f" ({last!r})" if last else ""))
 
 
 def http(method: str, url: str, body=None, timeout: float = 10.0) -> tuple[int, bytes]:

@@ -340,14 +340,17 @@ def test_kill9_of_rank1_engine_only_restarts_the_group_together(two, consul_api)
                         since=marks[rank1.name])
 
 
+# A Load status: smg refused the request for want of a worker (it reached smg after the router removed the
+# group, and never reached an engine).
+REFUSED_NO_WORKER = 0
+
+
 class Load:
     """Clients sending long greedy requests through the router, one after another, each recorded."""
 
     def __init__(self, url: str, clients: int = 2, tokens: int = 96):
         self.url, self.tokens = url, tokens
-        # (sent, answered, status); status 0: smg refused it for want of a worker (it reached smg after the
-        # router removed the group, and never reached an engine)
-        self.results: list[tuple[float, float, int]] = []
+        self.results: list[tuple[float, float, int]] = []  # (sent, answered, status)
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
         for t in self.threads:
@@ -358,7 +361,7 @@ class Load:
             sent = time.time()
             try:
                 status, body = generate(self.url, tokens=self.tokens, timeout=120)
-                status = 0 if smg_refused_for_want_of_a_worker(body) else status
+                status = REFUSED_NO_WORKER if smg_refused_for_want_of_a_worker(body) else status
             except OSError:
                 status = -1
             self.results.append((sent, time.time(), status))
@@ -382,7 +385,7 @@ def test_graceful_stop_of_rank0_drains_requests_in_flight(two, consul_api):
     load.join()
 
     withdrew = ts(rank0.wait_for("withdrew serving registration", since=mark0))
-    before = [r for r in load.results if r[0] < withdrew and r[2] != 0]
+    before = [r for r in load.results if r[0] < withdrew and r[2] != REFUSED_NO_WORKER]
     in_flight = [r for r in before if r[1] > withdrew]
     failed = [r for r in before if r[2] != 200]
     assert in_flight, "no request was in flight when rank 0 withdrew: the drain was not exercised"
